@@ -1,0 +1,32 @@
+# Two commands do all the set-up on a fresh machine:
+#   make demo   - create the environment if missing, then run the main job
+#   make test   - create the environment if missing, then run the whole test suite
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: demo test env lint bench-quick clean-env
+
+$(VENV)/.installed: pyproject.toml examples/plugin-template/pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e examples/plugin-template
+	touch $@
+
+env: $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(PY) -m tessera.apps.quickstart --out out/quickstart
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q tests
+
+lint: $(VENV)/.installed
+	$(PY) -m ruff check .
+
+bench-quick: $(VENV)/.installed
+	$(PY) benchmarks/quantizers.py --quick
+
+clean-env:
+	rm -rf $(VENV)

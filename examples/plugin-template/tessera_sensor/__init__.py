@@ -1,0 +1,1 @@
+"""Example third-party Tessera plugin (see docs/plugins.md)."""
