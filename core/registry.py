@@ -21,7 +21,7 @@ import importlib
 import inspect
 import threading
 from collections.abc import Callable, Iterator, Mapping
-from importlib.metadata import entry_points
+from importlib.metadata import EntryPoint, entry_points
 from typing import Any, TypeVar
 
 from .spec import MEDIA_KINDS
@@ -72,9 +72,15 @@ T = TypeVar("T", bound=type)
 _lock = threading.RLock()
 _plugins: dict[str, type] = {}
 _discovered = False
+_discovering = False
 
 
 def _check_contract(cls: type) -> None:
+    if not isinstance(cls, type):
+        raise RegistryError(
+            f"register_modality got {cls!r}, a {type(cls).__name__}; register the plugin class itself "
+            f"(decorate the class, do not pass an instance)"
+        )
     who = getattr(cls, "__qualname__", repr(cls))
     missing = [m for m in REQUIRED_MEMBERS if not hasattr(cls, m)]
     if missing:
@@ -124,44 +130,64 @@ def register_modality(cls: T | None = None, *, override: bool = False) -> T | Ca
 
 
 def unregister_modality(name: str) -> None:
+    """Remove ``name`` from the registry (no error if it is not there), e.g. after a test."""
     with _lock:
         _plugins.pop(name, None)
 
 
 def discover(*, reload: bool = False) -> None:
-    """Import built-in plugins and entry-point plugins once. Broken third-party plugins
-    raise :class:`RegistryError` naming the entry point."""
-    global _discovered
+    """Import built-in plugins and entry-point plugins (once, unless ``reload``). A built-in
+    that is not part of this install is skipped. A broken third-party plugin raises
+    :class:`RegistryError` naming the entry point, on every call until it is fixed."""
+    global _discovered, _discovering
     with _lock:
-        if _discovered and not reload:
+        if (_discovered and not reload) or _discovering:  # a plugin module looking up another one
             return
-        _discovered = True
-        for name, module in BUILTIN_MODALITIES.items():
-            if name in _plugins:
-                continue
-            try:
-                importlib.import_module(module)
-            except ModuleNotFoundError as e:
-                if e.name and (e.name == module or module.startswith(e.name + ".")):
-                    continue  # that built-in is not part of this install
-                raise
-        for ep in entry_points(group=ENTRY_POINT_GROUP):
-            if ep.name in _plugins:
-                continue
-            try:
-                cls = ep.load()
-            except Exception as e:
-                raise RegistryError(
-                    f"entry point {ep.name!r} = {ep.value!r} in group {ENTRY_POINT_GROUP!r} failed to "
-                    f"import: {e}; fix or uninstall that package"
-                ) from e
-            if getattr(cls, "name", None) != ep.name:
-                raise RegistryError(
-                    f"entry point {ep.name!r} = {ep.value!r} points to a plugin named "
-                    f"{getattr(cls, 'name', None)!r}; the entry-point name must equal the plugin's name"
-                )
-            if _plugins.get(ep.name) is not cls:
-                register_modality(cls)
+        _discovering = True
+        try:
+            for name, module in BUILTIN_MODALITIES.items():
+                if name in _plugins:
+                    continue
+                try:
+                    importlib.import_module(module)
+                except ModuleNotFoundError as e:
+                    if e.name and (e.name == module or module.startswith(e.name + ".")):
+                        continue  # that built-in is not part of this install
+                    raise RegistryError(
+                        f"built-in modality {name!r} ({module}) needs the module {e.name!r}, which is not "
+                        f"installed; run `pip install -e .` (or make env) to install Tessera's dependencies"
+                    ) from e
+            for ep in entry_points(group=ENTRY_POINT_GROUP):
+                _register_entry_point(ep)
+            _discovered = True
+        finally:
+            _discovering = False
+
+
+def _register_entry_point(ep: EntryPoint) -> None:
+    where = f"entry point {ep.name!r} = {ep.value!r} in group {ENTRY_POINT_GROUP!r}"
+    try:
+        cls = ep.load()
+    except Exception as e:
+        raise RegistryError(f"{where} failed to import: {e}; fix or uninstall that package") from e
+    if getattr(cls, "name", None) != ep.name:
+        raise RegistryError(
+            f"{where} points to a plugin named {getattr(cls, 'name', None)!r}; the entry-point name "
+            f"must equal the plugin's name"
+        )
+    old = _plugins.get(ep.name)
+    if old is cls:
+        return
+    if old is not None:
+        raise RegistryError(
+            f"{where} (distribution {ep.dist.name if ep.dist else '?'}) clashes with the modality "
+            f"{ep.name!r} already registered by {old.__module__}.{old.__qualname__}; rename the "
+            f"third-party plugin or uninstall one of them"
+        )
+    try:
+        register_modality(cls)
+    except RegistryError as e:
+        raise RegistryError(f"{where}: {e}") from e
 
 
 def get_modality(name: str) -> type:
@@ -186,9 +212,13 @@ class _RegistryView(Mapping[str, type]):
         return get_modality(name)
 
     def __iter__(self) -> Iterator[str]:
+        """Built-ins first (in :data:`BUILTIN_MODALITIES` order), then every other plugin by
+        name, so a vocabulary built by iterating the registry gives third-party plugins
+        the ids after the built-in ones."""
         discover()
         with _lock:
-            return iter(sorted(_plugins))
+            builtins = [n for n in BUILTIN_MODALITIES if n in _plugins]
+            return iter(builtins + sorted(n for n in _plugins if n not in BUILTIN_MODALITIES))
 
     def __len__(self) -> int:
         discover()
@@ -199,7 +229,8 @@ class _RegistryView(Mapping[str, type]):
         return name in _plugins
 
     def __repr__(self) -> str:
-        return f"registry({sorted(_plugins)})"
+        with _lock:
+            return f"registry({sorted(_plugins)})"
 
 
 registry: Mapping[str, type] = _RegistryView()
