@@ -1,0 +1,161 @@
+"""The LLM: golden value, causality, packed documents, the static KV cache, append-only
+vocabulary growth with frozen rows, checkpoints guarded by the manifest hash, learning."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tessera.core.vocab import ManifestMismatchError
+from tessera.llm.model import KVCache, LLMConfig, TesseraLM
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run fastest on one thread; with two, OpenMP spin-waits on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def debug_model(vocab_size: int = 128, **overrides: object) -> TesseraLM:
+    torch.manual_seed(0)
+    config = LLMConfig.preset("debug", vocab_size)
+    for k, v in overrides.items():
+        setattr(config, k, v)
+    return TesseraLM(config).eval()
+
+
+def test_golden_logits_of_fixed_seed_debug_model() -> None:
+    model = debug_model()
+    ids = (torch.arange(24) * 7 % 128)[None]
+    with torch.no_grad():
+        logits = model(ids)
+    assert logits.shape == (1, 24, 128) and logits.dtype == torch.float32
+    torch.testing.assert_close(logits.sum(), torch.tensor(-42.45848083496094), atol=2e-3, rtol=0)
+    torch.testing.assert_close(logits.abs().sum(), torch.tensor(383.8223876953125), atol=2e-3, rtol=0)
+    torch.testing.assert_close(logits[0, -1, :4], torch.tensor([-0.214126, -0.123648, 0.025818, 0.041058]),
+                               atol=1e-5, rtol=0)
+
+
+def test_attention_is_causal() -> None:
+    model = debug_model()
+    ids = torch.randint(0, 128, (2, 16))
+    changed = ids.clone()
+    changed[:, 10:] = (changed[:, 10:] + 1) % 128
+    with torch.no_grad():
+        a, b = model(ids), model(changed)
+    torch.testing.assert_close(a[:, :10], b[:, :10])
+    assert (a[:, 10:] - b[:, 10:]).abs().max() > 1e-3
+
+
+def test_packed_documents_equal_running_them_separately() -> None:
+    model = debug_model()
+    docs = [torch.randint(0, 128, (n,)) for n in (5, 7, 4)]
+    ids = torch.cat(docs)[None]
+    positions = torch.cat([torch.arange(len(d)) for d in docs])[None]
+    segments = torch.cat([torch.full((len(d),), i) for i, d in enumerate(docs)])[None]
+    with torch.no_grad():
+        packed = model(ids, positions=positions, segment_ids=segments)[0]
+        alone = torch.cat([model(d[None])[0] for d in docs])
+        leaky = model(ids, positions=positions)[0]  # without segments the later docs see the earlier
+    torch.testing.assert_close(packed, alone, atol=1e-5, rtol=1e-5)
+    assert (leaky[5:] - alone[5:]).abs().max() > 1e-3
+
+
+def test_kv_cache_chunks_equal_one_forward_pass() -> None:
+    model = debug_model(n_kv_heads=1)
+    ids = torch.randint(0, 128, (2, 20))
+    cache = KVCache(model.config, 2, 32)
+    with torch.no_grad():
+        full = model(ids)
+        parts = [model(ids[:, a:b], kv_cache=cache) for a, b in ((0, 8), (8, 9), (9, 20))]
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=1e-5)
+    assert cache.pos == 20
+    with pytest.raises(ValueError, match="exceeds the limit 32"):
+        model(ids, kv_cache=cache)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_resize_keeps_old_rows_and_old_logits(tied: bool) -> None:
+    model = debug_model(tie_embeddings=tied)
+    ids = torch.randint(0, 128, (2, 12))
+    with torch.no_grad():
+        before = model(ids)
+    old_emb = model.tok_emb.weight.detach().clone()
+    model.resize_vocab(160)
+    with torch.no_grad():
+        after = model(ids)
+    assert model.config.vocab_size == 160 and after.shape == (2, 12, 160)
+    assert torch.equal(model.tok_emb.weight[:128], old_emb)
+    torch.testing.assert_close(after[..., :128], before)
+    new = model.tok_emb.weight[128:].detach()
+    # new rows: the mean of the old rows plus noise much smaller than the rows' spread
+    assert (new.mean(0) - old_emb.mean(0)).abs().max() < 0.01
+    assert 0 < (new - old_emb.mean(0)).std() < 0.1 * old_emb.std()
+    with pytest.raises(ValueError, match="append-only"):
+        model.resize_vocab(100)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_frozen_old_rows_survive_an_optimizer_step(tied: bool) -> None:
+    model = debug_model(tie_embeddings=tied).train()
+    model.resize_vocab(140, freeze_old=True)
+    emb, head = model.tok_emb.weight.detach().clone(), model.lm_head.weight.detach().clone()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    ids = torch.randint(0, 140, (2, 16))
+    loss = F.cross_entropy(model(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten())
+    loss.backward()
+    opt.step()
+    assert torch.equal(model.tok_emb.weight[:128], emb[:128])
+    assert torch.equal(model.lm_head.weight[:128], head[:128])
+    assert not torch.equal(model.lm_head.weight[128:], head[128:])
+    assert not torch.equal(model.layers[0].mlp.down.weight, debug_model().layers[0].mlp.down.weight)
+
+
+def test_checkpoint_round_trip_and_manifest_guard(tmp_path) -> None:
+    model = debug_model(tie_embeddings=True)
+    model.save_pretrained(tmp_path, manifest_hash="a" * 64)
+    loaded = TesseraLM.from_pretrained(tmp_path, expected_manifest_hash="a" * 64)
+    ids = torch.randint(0, 128, (1, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids), model(ids), atol=0, rtol=0)
+    assert loaded.manifest_hash == "a" * 64
+    assert loaded.lm_head.weight is loaded.tok_emb.weight
+    with pytest.raises(ManifestMismatchError, match=f"{'a' * 64}.*{'b' * 64}"):
+        TesseraLM.from_pretrained(tmp_path, expected_manifest_hash="b" * 64)
+    with pytest.raises(ManifestMismatchError, match="c" * 64):
+        TesseraLM.from_pretrained(tmp_path, expected_manifest={"hash": "c" * 64})
+
+
+def test_config_rules_and_presets() -> None:
+    with pytest.raises(ValueError, match="n_heads=6 is not a multiple of n_kv_heads=4"):
+        LLMConfig(vocab_size=10, dim=48, n_layers=1, n_heads=6, n_kv_heads=4, ffn_dim=8, max_seq_len=8)
+    with pytest.raises(ValueError, match="unknown LLM preset 'tiny'"):
+        LLMConfig.preset("tiny", 10)
+    with pytest.raises(ValueError, match="unknown LLMConfig keys \\['dims'\\]"):
+        LLMConfig.from_dict({"dims": 3})
+    c = LLMConfig.preset("cpu-small", 8000)
+    assert LLMConfig.from_dict(c.to_dict()) == c
+    assert 5e6 < TesseraLM(c).num_params() < 20e6
+    model = debug_model()
+    c = model.config
+    per_layer = c.dim * (c.n_heads + 2 * c.n_kv_heads) * c.head_dim + c.dim * c.dim + 3 * c.dim * c.ffn_dim + 2 * c.dim
+    assert model.num_params() == c.n_layers * per_layer + 2 * c.vocab_size * c.dim + c.dim
+    assert model.flops_per_token(64) == 6 * (model.num_params() - c.vocab_size * c.dim - (2 * c.n_layers + 1) * c.dim) \
+        + 12 * c.n_layers * c.dim * 64
+
+
+def test_debug_model_learns_a_repeating_sequence() -> None:
+    model = debug_model(vocab_size=32).train()
+    pattern = torch.randint(0, 32, (8,)).repeat(8)[None]  # period 8, 64 tokens
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(60):
+        loss = F.cross_entropy(model(pattern[:, :-1]).flatten(0, 1), pattern[:, 1:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[0] > 3.0 and losses[-1] < 0.5, (losses[0], losses[-1])
