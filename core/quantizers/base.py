@@ -106,7 +106,9 @@ def check_input(x: Tensor, dim: int, mask: Tensor | None, who: str) -> None:
         )
     if not x.is_floating_point():
         raise ValueError(f"{who}: input dtype is {x.dtype}, expected a floating-point tensor")
-    if not torch.isfinite(x).all():
+    # A NaN/inf anywhere makes the sum non-finite: one cheap reduction instead of an
+    # elementwise pass; the full count runs only then (or on an overflowing sum).
+    if not torch.isfinite(x.sum()) and not torch.isfinite(x).all():
         bad = int((~torch.isfinite(x)).sum())
         raise ValueError(
             f"{who}: input has {bad} NaN/inf values; quantizing them would corrupt the codebook. "
@@ -139,7 +141,8 @@ def code_stats(
         flat = indices.reshape(-1)
         if mask is not None:
             flat = flat[mask.reshape(-1)]
-        flat = flat[flat >= 0]
+        if flat.numel() > 0 and int(flat.min()) < 0:
+            flat = flat[flat >= 0]
         err = error.detach().float() if error is not None else torch.zeros((), device=indices.device)
         if flat.numel() == 0:
             zero = torch.zeros((), device=indices.device)
