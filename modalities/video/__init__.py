@@ -1,0 +1,153 @@
+"""The video tokenizer plugin: a causal spatio-temporal autoencoder with a scalar
+quantizer (FSQ), after MAGVIT-v2's causal 3D-convolution layout (Yu et al. 2023).
+
+``VideoTokenizer`` (registered as ``"video"``, media kind ``"video"``) turns a clip —
+float32 ``(9, 3, 64, 64)`` in [0, 1], 9 frames at 8 fps — into 5 × 8 × 8 = 320 local ids
+of 1000 codes and back (:class:`~.model.VideoAutoencoder`: the first frame alone, then
+pairs of frames, each latent frame an 8 × 8 grid).
+
+Token layout: ``"fixed"``, 320 steps of one token, latent frame by latent frame, row by
+row. The clip size is fixed rather than carried in ``"grid"`` meta tokens because every
+clip is brought to the model's size by :meth:`VideoTokenizer.read` (time resampled to 8
+fps, first 9 frames, shorter side scaled and centre-cropped — see :mod:`.io`), so meta
+tokens would cost tokens the LLM could only get wrong; a future tokenizer for several
+clip sizes would switch to ``"grid"`` with (frames, height, width) meta fields.
+
+    tok = VideoTokenizer.pretrained()            # the shipped checkpoint in weights/
+    ids = tok.encode(tok.read("clip.mp4"))        # 320 local ids
+    tok.write(tok.decode(ids), "again.gif")
+
+Training recipe: :mod:`.train`; command line: :mod:`.cli`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from ...core.checkpoint import (
+    CheckpointError,
+    load_json,
+    load_tensors,
+    save_json,
+    save_tensors,
+    sha256_tensors,
+)
+from ...core.registry import register_modality
+from ...core.spec import ModalitySpec, TokenLayout
+from .io import VIDEO_EXTENSIONS, VideoError, check_clip, read_video, write_video
+from .model import VideoAutoencoder, VideoTokenizerConfig
+
+__all__ = ["VideoTokenizer", "VideoTokenizerConfig", "VideoError", "WEIGHTS_DIR"]
+
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+"""The shipped checkpoint (reproduce with the command in weights/README.md)."""
+
+_FORMAT_VERSION = "1"
+
+
+@register_modality
+class VideoTokenizer:
+    """Clips ↔ local ids through a causal 3D autoencoder (see the module docstring)."""
+
+    name: ClassVar[str] = "video"
+    media_kind: ClassVar[str] = "video"
+    file_extensions: ClassVar[tuple[str, ...]] = VIDEO_EXTENSIONS
+
+    def __init__(
+        self, config: VideoTokenizerConfig | None = None, model: VideoAutoencoder | None = None
+    ) -> None:
+        self.config = config or (model.config if model is not None else VideoTokenizerConfig())
+        self.model = (model or VideoAutoencoder(self.config)).eval()
+
+    # ---- the contract --------------------------------------------------------
+    @property
+    def layout(self) -> TokenLayout:
+        return TokenLayout(
+            kind="fixed", levels=(self.model.quantizer.codebook_size,), steps=self.config.tokens
+        )
+
+    @property
+    def spec(self) -> ModalitySpec:
+        c = self.config
+        return ModalitySpec(
+            name=self.name,
+            version=_FORMAT_VERSION,
+            media_kind=self.media_kind,
+            layout=self.layout,
+            fingerprint=sha256_tensors(self.model.state_dict()),
+            extra={"frames": c.frames, "fps": c.fps, "size": list(c.size), "grid": list(c.grid)},
+        )
+
+    def encode(self, media: Tensor) -> Tensor:
+        """float32 ``(frames, 3, H, W)`` in [0, 1] → 1-D local ids (``tokens`` of them)."""
+        clip = check_clip(media, frames=self.config.frames, size=self.config.size)
+        return self.layout.flatten(self.model.encode_codes(clip[None]).reshape(-1))
+
+    def decode(self, ids: Tensor) -> Tensor:
+        """Local ids → float32 clip ``(frames, 3, H, W)`` in [0, 1]."""
+        _, codes = self.layout.unflatten(ids)
+        return self.model.decode_codes(codes.reshape(1, *self.config.grid))[0].clamp(0, 1)
+
+    def read(self, path: str | os.PathLike) -> Tensor:
+        c = self.config
+        return read_video(path, frames=c.frames, size=c.size, fps=c.fps)
+
+    def write(self, media: Tensor, path: str | os.PathLike) -> None:
+        write_video(media, path, fps=self.config.fps)
+
+    def save(self, path: str | os.PathLike) -> None:
+        folder = Path(path)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_tensors(folder / "model.safetensors", self.model.state_dict())
+        save_json(
+            folder / "config.json",
+            {"format": _FORMAT_VERSION, "model": self.config.to_dict(), "spec": self.spec.to_dict()},
+        )
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> VideoTokenizer:
+        folder = Path(path)
+        meta = load_json(folder / "config.json")
+        if meta.get("format") != _FORMAT_VERSION:
+            raise CheckpointError(
+                f"{folder}/config.json has format {meta.get('format')!r}, this version reads {_FORMAT_VERSION!r}; "
+                f"re-save the tokenizer with this version of Tessera"
+            )
+        config = VideoTokenizerConfig.from_dict(meta["model"])
+        model = VideoAutoencoder(config)
+        try:
+            model.load_state_dict(load_tensors(folder / "model.safetensors"))
+        except RuntimeError as e:
+            raise CheckpointError(f"{folder}/model.safetensors does not match config.json ({e})") from e
+        return cls(config, model)
+
+    @classmethod
+    def pretrained(cls) -> VideoTokenizer:
+        """The checkpoint shipped in :data:`WEIGHTS_DIR`."""
+        if not (WEIGHTS_DIR / "config.json").is_file():
+            raise CheckpointError(f"{WEIGHTS_DIR} holds no checkpoint; train one (see weights/README.md)")
+        return cls.load(WEIGHTS_DIR)
+
+    @classmethod
+    def debug(cls) -> VideoTokenizer:
+        torch.manual_seed(0)
+        return cls(VideoTokenizerConfig.debug())
+
+    def example(self, seed: int) -> Tensor:
+        """Built-in world clip ``seed`` at the tokenizer's frames and size."""
+        from ..world.visual import render_video, sample_video_scene
+
+        return render_video(sample_video_scene(seed), frames=self.config.frames, size=self.config.size)
+
+    def __repr__(self) -> str:
+        c = self.config
+        t, h, w = c.grid
+        return (
+            f"VideoTokenizer({c.frames} frames of {c.size[0]}x{c.size[1]} at {c.fps:g} fps -> {t}x{h}x{w} = "
+            f"{c.tokens} tokens of {self.model.quantizer.codebook_size} codes)"
+        )

@@ -1,0 +1,185 @@
+"""Command-line tools of the video tokenizer, reached as ``tessera tokenizer VERB video ...``.
+
+    tessera tokenizer train video --out runs/video              # the shipped recipe
+    tessera tokenizer train video --out runs/video --resume     # continue a killed run
+    tessera tokenizer export video --run runs/video --out DIR   # a run's latest state -> tokenizer
+    tessera tokenizer eval video --checkpoint runs/video/final
+    tessera tokenizer encode video clip.mp4 --out clip.ids.json
+    tessera tokenizer decode video clip.ids.json --out clip.decoded.gif
+
+``train`` shows a progress bar, appends JSONL metrics (loss, PSNR, code utilization and
+perplexity), writes reconstruction grids (PNG) every ``--sample-every`` steps, keeps a
+resumable state and exports the trained tokenizer (config JSON + safetensors) to
+``OUT/final``. ``eval`` prints held-out PSNR, utilization and clips/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+__all__ = ["main", "build_parser"]
+
+
+def _tokenizer(checkpoint: str | None):
+    from . import VideoTokenizer
+
+    return VideoTokenizer.pretrained() if checkpoint is None else VideoTokenizer.load(checkpoint)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from . import VideoTokenizer
+    from .train import HELD_OUT_BASE, ClipCorpus, TrainConfig, evaluate, train
+
+    cfg = TrainConfig.debug() if args.preset == "debug" else TrainConfig.default()
+    overrides = {
+        k: v
+        for k, v in {
+            "steps": args.steps,
+            "batch_size": args.batch_size,
+            "train_clips": args.train_clips,
+            "sample_every": args.sample_every,
+            "lr": args.lr,
+            "foreground_weight": args.foreground_weight,
+            "seed": args.seed,
+        }.items()
+        if v is not None
+    }
+    cfg = replace(cfg, **overrides)
+    t = time.time()
+    model, _ = train(cfg, args.out, resume=args.resume, progress=not args.quiet)
+    seconds = time.time() - t
+    VideoTokenizer(cfg.model, model).save(Path(args.out) / "final")
+    held_out = ClipCorpus.build(range(HELD_OUT_BASE, HELD_OUT_BASE + args.eval_clips), cfg.model)
+    report = {
+        "saved": str(Path(args.out) / "final"),
+        "train_seconds": round(seconds, 1),
+        "held_out": evaluate(model, held_out),
+    }
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Export a run's latest saved state (``RUN/state``, written every ``ckpt_every``
+    steps) as a tokenizer folder: a stopped or still-running training run becomes usable."""
+    from ...core.checkpoint import load_json, load_tensors
+    from . import VideoTokenizer
+    from .model import VideoAutoencoder
+    from .train import TrainConfig
+
+    run = Path(args.run)
+    cfg = TrainConfig.from_dict(load_json(run / "train_config.json"))
+    step = load_json(run / "state" / "state.json")["step"]
+    model = VideoAutoencoder(cfg.model)
+    model.load_state_dict(load_tensors(run / "state" / "model.safetensors"))
+    VideoTokenizer(cfg.model, model).save(args.out)
+    print(f"{run}: state at step {step} of {cfg.steps} -> {args.out}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .train import HELD_OUT_BASE, ClipCorpus, evaluate
+
+    tok = _tokenizer(args.checkpoint)
+    corpus = ClipCorpus.build(range(HELD_OUT_BASE, HELD_OUT_BASE + args.clips), tok.config)
+    report = evaluate(tok.model, corpus)
+    clips = corpus.clips(slice(0, 8))
+    t = time.perf_counter()
+    codes = tok.model.encode_codes(clips)
+    enc = time.perf_counter() - t
+    t = time.perf_counter()
+    tok.model.decode_codes(codes)
+    dec = time.perf_counter() - t
+    report.update(
+        encode_clips_per_s=round(len(clips) / enc, 2), decode_clips_per_s=round(len(clips) / dec, 2)
+    )
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def cmd_encode(args: argparse.Namespace) -> int:
+    tok = _tokenizer(args.checkpoint)
+    ids = tok.encode(tok.read(args.input))
+    out = Path(args.out or Path(args.input).with_suffix(".ids.json"))
+    out.write_text(
+        json.dumps({"modality": "video", "fingerprint": tok.spec.fingerprint, "ids": ids.tolist()})
+    )
+    print(f"{args.input}: {ids.numel()} tokens (grid {'x'.join(map(str, tok.config.grid))}) -> {out}")
+    return 0
+
+
+def cmd_decode(args: argparse.Namespace) -> int:
+    tok = _tokenizer(args.checkpoint)
+    data = json.loads(Path(args.input).read_text())
+    if not isinstance(data, dict) or data.get("modality") != "video" or "ids" not in data:
+        raise ValueError(f"{args.input}: expected the JSON written by 'tessera tokenizer encode video'")
+    if data.get("fingerprint") not in (None, tok.spec.fingerprint):
+        raise ValueError(
+            f"{args.input} was encoded by a tokenizer with fingerprint {data['fingerprint'][:12]}…, this one is "
+            f"{tok.spec.fingerprint[:12]}…; decode with the checkpoint that encoded it"
+        )
+    clip = tok.decode(torch.tensor(data["ids"], dtype=torch.long))
+    out = args.out or str(Path(args.input).with_suffix("")) + ".decoded.gif"
+    tok.write(clip, out)
+    print(f"{args.input}: {clip.shape[0]} frames at {tok.config.fps:g} fps -> {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tessera tokenizer ... video", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="verb", required=True)
+    t = sub.add_parser("train", help="train the tokenizer on the built-in visual world")
+    t.add_argument("--out", default="runs/video", help="run folder (metrics, samples, state, final)")
+    t.add_argument("--preset", choices=["default", "debug"], default="default")
+    t.add_argument("--steps", type=int)
+    t.add_argument("--batch-size", type=int)
+    t.add_argument("--train-clips", type=int, help="world clips to train on (seeds 0..N-1)")
+    t.add_argument("--sample-every", type=int, help="write reconstruction grids every N steps")
+    t.add_argument("--lr", type=float)
+    t.add_argument(
+        "--foreground-weight", type=float, help="extra loss weight of pixels off the frame's dominant colour"
+    )
+    t.add_argument("--seed", type=int)
+    t.add_argument("--resume", action="store_true", help="continue from OUT/state")
+    t.add_argument("--eval-clips", type=int, default=64, help="held-out clips scored after training")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    t.set_defaults(func=cmd_train)
+    x = sub.add_parser("export", help="a training run's latest state -> tokenizer folder")
+    x.add_argument("--run", required=True, help="the run folder given to train --out")
+    x.add_argument("--out", required=True, help="tokenizer folder to write (config JSON + safetensors)")
+    x.set_defaults(func=cmd_export)
+    e = sub.add_parser("eval", help="PSNR, code utilization and clips/s on held-out world clips")
+    e.add_argument("--checkpoint", help="tokenizer folder (default: the shipped weights)")
+    e.add_argument("--clips", type=int, default=64)
+    e.add_argument("--threads", type=int, default=2)
+    e.set_defaults(func=cmd_eval)
+    c = sub.add_parser("encode", help="GIF/MP4 file -> token ids (JSON)")
+    c.add_argument("input")
+    c.add_argument("--out")
+    c.add_argument("--checkpoint")
+    c.set_defaults(func=cmd_encode)
+    d = sub.add_parser("decode", help="token ids (JSON) -> GIF/MP4 file")
+    d.add_argument("input")
+    d.add_argument("--out", help="GIF or MP4 path (default: INPUT.decoded.gif)")
+    d.add_argument("--checkpoint")
+    d.set_defaults(func=cmd_decode)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if hasattr(args, "threads"):
+        torch.set_num_threads(max(1, args.threads))
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,284 @@
+"""Training and evaluation recipe for the video tokenizer on the built-in visual world.
+
+    corpus = ClipCorpus.build(range(600), config)            # rendered moving-shape clips
+    model, _ = train(TrainConfig.default(), out="runs/video")
+    report = evaluate(model, ClipCorpus.build(range(HELD_OUT_BASE, HELD_OUT_BASE + 64), config))
+
+Training draws random clips of the corpus and random spatial crops of ``crop`` pixels,
+aligned to the token grid (the network is convolutional with per-position
+normalisation, so a crop aligned to the grid is encoded exactly as inside the whole
+clip, and a crop costs a quarter of a 64×64 clip). It minimises L1 + L2 reconstruction
+plus the quantizer's auxiliary loss with AdamW and a warm-up + cosine schedule. The
+reconstruction terms weigh pixels away from their frame's dominant colour (per-channel
+median; max channel difference over 0.1) ``1 + foreground_weight`` times: objects cover a
+few percent of a clip, and without the weight the first hundreds of steps learn only
+backgrounds (measured: at step 500 of an unweighted run objects were grey smudges). The loop
+appends JSONL metrics, writes reconstruction grids (PNG: original frames above their
+reconstruction) every ``sample_every`` steps and a resumable state every ``ckpt_every``
+steps. Held-out clips come from seeds no training run uses (:data:`HELD_OUT_BASE` up).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ...core.checkpoint import load_tensors, save_tensors
+from ...core.metrics import psnr, save_image_grid
+from ...core.quantizers import code_stats
+from ...core.training import MetricsLog, load_training_state, save_training_state, seed_everything
+from ..world.visual import render_video, sample_video_scene
+from .model import VideoAutoencoder, VideoTokenizerConfig
+
+__all__ = ["HELD_OUT_BASE", "TrainConfig", "ClipCorpus", "evaluate", "train"]
+
+HELD_OUT_BASE = 1_000_000
+"""Seeds from here on are never used for training (held-out evaluation clips)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """A training run (JSON-serialisable): ``train_clips`` clips from seeds ``0..n-1``."""
+
+    model: VideoTokenizerConfig = field(default_factory=VideoTokenizerConfig)
+    steps: int = 1000
+    batch_size: int = 16
+    crop: int | None = 32
+    lr: float = 3e-3
+    warmup: int = 30
+    weight_decay: float = 0.0
+    train_clips: int = 256
+    seed: int = 0
+    l2_weight: float = 1.0
+    foreground_weight: float = 8.0
+    log_every: int = 10
+    sample_every: int = 100
+    ckpt_every: int = 50
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "train_clips", "log_every", "sample_every", "ckpt_every"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"TrainConfig.{name}={getattr(self, name)} must be >= 1")
+        if self.foreground_weight < 0:
+            raise ValueError(
+                f"TrainConfig.foreground_weight={self.foreground_weight} must be >= 0 (0: plain L1 + L2)"
+            )
+        f = self.model.space_factor
+        if self.crop is not None and (self.crop % f or not f <= self.crop <= min(self.model.size)):
+            raise ValueError(
+                f"TrainConfig.crop={self.crop}: a crop must be a multiple of the space factor {f} between {f} and "
+                f"{min(self.model.size)} (the clip side), or None for whole clips"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["model"] = self.model.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        d = dict(d)
+        d["model"] = VideoTokenizerConfig.from_dict(d["model"])
+        return cls(**d)
+
+    @classmethod
+    def default(cls) -> TrainConfig:
+        """The recipe of the shipped checkpoint."""
+        return cls()
+
+    @classmethod
+    def debug(cls) -> TrainConfig:
+        """Seconds on a CPU (tests): the debug model on 32 clips."""
+        return cls(
+            model=VideoTokenizerConfig.debug(),
+            steps=40,
+            batch_size=8,
+            crop=None,
+            lr=1e-2,
+            warmup=5,
+            train_clips=16,
+            log_every=5,
+            sample_every=40,
+            ckpt_every=20,
+        )
+
+
+@dataclass(frozen=True)
+class ClipCorpus:
+    """Rendered clips of the built-in world, ``clips`` float32 ``(N, T, 3, H, W)`` in [0, 1]
+    (stored as uint8), with the seeds they were drawn from."""
+
+    seeds: tuple[int, ...]
+    pixels: Tensor  # uint8 (N, T, 3, H, W)
+
+    @classmethod
+    def build(
+        cls, seeds: Any, config: VideoTokenizerConfig, cache: str | os.PathLike | None = None
+    ) -> ClipCorpus:
+        """Render ``seeds`` at the model's clip size; with ``cache``, reuse a matching file."""
+        seeds = tuple(int(s) for s in seeds)
+        if cache is not None and Path(cache).is_file():
+            t = load_tensors(cache)
+            if tuple(t["seeds"].tolist()) == seeds and tuple(t["pixels"].shape[1:]) == (
+                config.frames,
+                3,
+                *config.size,
+            ):
+                return cls(seeds, t["pixels"])
+        pixels = torch.stack(
+            [
+                (render_video(sample_video_scene(s), frames=config.frames, size=config.size) * 255)
+                .round()
+                .byte()
+                for s in seeds
+            ]
+        )
+        if cache is not None:
+            save_tensors(cache, {"seeds": torch.tensor(seeds), "pixels": pixels})
+        return cls(seeds, pixels)
+
+    def __len__(self) -> int:
+        return len(self.seeds)
+
+    def clips(self, index: Tensor | slice) -> Tensor:
+        return self.pixels[index].float() / 255
+
+
+def _batch(corpus: ClipCorpus, cfg: TrainConfig, gen: torch.Generator) -> Tensor:
+    clips = corpus.clips(torch.randint(len(corpus), (cfg.batch_size,), generator=gen))
+    if cfg.crop is None:
+        return clips
+    f, (H, W) = cfg.model.space_factor, cfg.model.size
+    y = int(torch.randint((H - cfg.crop) // f + 1, (1,), generator=gen)) * f
+    x = int(torch.randint((W - cfg.crop) // f + 1, (1,), generator=gen)) * f
+    return clips[..., y : y + cfg.crop, x : x + cfg.crop]
+
+
+@torch.no_grad()
+def evaluate(model: VideoAutoencoder, corpus: ClipCorpus, *, batch_size: int = 16) -> dict[str, Any]:
+    """Held-out scores: mean PSNR (dB, over clips), L1, code utilization and perplexity
+    over every token of the corpus, tokens per clip."""
+    was_training = model.training
+    model.eval()
+    psnrs, l1s, codes = [], [], []
+    for i in range(0, len(corpus), batch_size):
+        clips = corpus.clips(slice(i, i + batch_size))
+        idx = model.encode_codes(clips)
+        recon = model.decode_codes(idx).clamp(0, 1)
+        psnrs.append(psnr(recon, clips))
+        l1s.append((recon - clips).abs().flatten(1).mean(1))
+        codes.append(idx.reshape(-1))
+    model.train(was_training)
+    stats = code_stats(torch.cat(codes), model.quantizer.codebook_size)
+    return {
+        "clips": len(corpus),
+        "psnr": float(torch.cat(psnrs).mean()),
+        "l1": float(torch.cat(l1s).mean()),
+        "utilization": float(stats.utilization),
+        "perplexity": float(stats.perplexity),
+        "tokens_per_clip": model.config.tokens,
+    }
+
+
+def pixel_weights(clips: Tensor, foreground_weight: float) -> Tensor:
+    """(B, T, 3, H, W) → (B, T, 1, H, W): ``1 + foreground_weight`` where a pixel differs
+    from its frame's per-channel median colour by more than 0.1, else 1."""
+    median = clips.flatten(-2).median(-1).values[..., None, None]
+    foreground = (clips - median).abs().amax(2, keepdim=True) > 0.1
+    return 1 + foreground_weight * foreground.float()
+
+
+def _lr_at(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def _write_samples(model: VideoAutoencoder, clips: Tensor, path: Path) -> None:
+    """Originals above reconstructions, every frame in a column: rows (2·N, T)."""
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        recon = model.decode_codes(model.encode_codes(clips)).clamp(0, 1)
+    model.train(was_training)
+    save_image_grid(torch.stack([clips, recon], 1).flatten(0, 1), path)
+
+
+def train(
+    cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, progress: bool = True
+) -> tuple[VideoAutoencoder, list[dict[str, Any]]]:
+    """Train per ``cfg`` into the run folder ``out`` (``metrics.jsonl``, ``samples/``,
+    ``state/``, ``corpus.safetensors``); returns the model and the logged rows."""
+    from ...core.checkpoint import save_json
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    state_dir = out / "state"
+    if (state_dir / "state.json").is_file() and not resume:
+        raise ValueError(
+            f"{out} already holds a training state; pass resume=True (--resume) or use a new folder"
+        )
+    seed_everything(cfg.seed)
+    save_json(out / "train_config.json", cfg.to_dict())
+    model = VideoAutoencoder(cfg.model).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
+    start = 0
+    if resume and (state_dir / "state.json").is_file():
+        start = load_training_state(state_dir, model, opt)["step"]
+    corpus = ClipCorpus.build(range(cfg.train_clips), cfg.model, cache=out / "corpus.safetensors")
+    preview = corpus.clips(slice(0, 4))
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + start)
+
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=start, desc="video tokenizer", unit="step")
+    rows: list[dict[str, Any]] = []
+    t0 = time.time()
+    with MetricsLog(out / "metrics.jsonl") as log:
+        for step in range(start, cfg.steps):
+            for group in opt.param_groups:
+                group["lr"] = _lr_at(step, cfg)
+            clips = _batch(corpus, cfg, gen)
+            recon, q = model(clips)
+            w = pixel_weights(clips, cfg.foreground_weight)
+            w = w / w.mean()
+            l1 = (w * (recon - clips).abs()).mean()
+            l2 = (w * (recon - clips).pow(2)).mean()
+            loss = l1 + cfg.l2_weight * l2 + q.loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            done = step + 1
+            if done % cfg.log_every == 0 or done == cfg.steps:
+                row = {
+                    "loss": float(loss.detach()),
+                    "l1": float(l1.detach()),
+                    "psnr": float(psnr(recon, clips).mean()),
+                    "utilization": float(q.stats.utilization),
+                    "perplexity": float(q.stats.perplexity),
+                    "lr": opt.param_groups[0]["lr"],
+                    "seconds": round(time.time() - t0, 1),
+                }
+                log.log(done, **row)
+                rows.append({"step": done, **row})
+                if bar is not None:
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", psnr=f"{row['psnr']:.1f}")
+            if done % cfg.sample_every == 0 or done == cfg.steps:
+                _write_samples(model, preview, out / "samples" / f"step{done:06d}.png")
+            if done % cfg.ckpt_every == 0 or done == cfg.steps:
+                save_training_state(state_dir, model, opt, done)
+            if bar is not None:
+                bar.update(1)
+    if bar is not None:
+        bar.close()
+    return model.eval(), rows
