@@ -5,7 +5,7 @@ PYTHON ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test env lint bench-quick clean-env
+.PHONY: demo test env browser lint bench-quick clean-env
 
 $(VENV)/.installed: pyproject.toml examples/plugin-template/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,7 +19,13 @@ env: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(PY) -m tessera.apps.quickstart --out out/quickstart
 
-test: $(VENV)/.installed
+# Headless Chromium for tests/test_browser.py: installed when missing, where we may (as root, as in CI).
+browser:
+	@command -v chromium >/dev/null 2>&1 || [ "$$(id -u)" != 0 ] || \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium || \
+		(apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium)
+
+test: $(VENV)/.installed browser
 	$(PY) -m pytest -q tests
 
 lint: $(VENV)/.installed
