@@ -1,0 +1,194 @@
+"""``tessera eval BUNDLE``: score a bundle on the built-in world's held-out scenes.
+
+Held-out scenes are the corpus's seeds ``[0, heldout)``, never trained on (:mod:`.corpus`).
+Every sample is generated with the bundle's task pipelines (its default sampling and
+guidance, seed ``i`` for sample ``i``) and scored against its ground truth:
+
+* **text→image / text→video attribute accuracy**: the generated media is read back by the
+  visual world's checker (:mod:`tessera.modalities.world.checker`, no learned model) and
+  compared with the scene: the fraction of (object, attribute) pairs right — shape,
+  colour, size, position; for clips also motion, direction and end colour;
+* **image→text / video→text attribute accuracy**: the generated caption is split into one
+  clause per object and each expected attribute's words are looked for in its clause
+  (objects matched to clauses in the order that agrees best), plus the exact-match rate of
+  whole captions;
+* **speech→text word accuracy**: ``1 - WER`` of the transcript of the held-out spoken
+  caption (eSpeak NG voices, rates and pitches), floored at 0;
+* **text→speech→text round trip**: the caption spoken by the bundle, transcribed by the
+  bundle, word accuracy against the caption.
+
+Tasks whose modality the bundle lacks are skipped; a task that fails (e.g. a tokenizer that
+refuses codes its own spec allows) is reported with its error. Output: JSON (``--json PATH`` too).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import re
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ..core.checkpoint import save_json
+from .bundle import DEFAULT_BUNDLE, Bundle
+
+__all__ = ["evaluate", "word_accuracy", "caption_attribute_accuracy", "main", "TASKS"]
+
+TASKS = ("text-to-image", "text-to-video", "image-to-text", "video-to-text", "speech-to-text", "text-speech-text")
+_BACKGROUND = re.compile(r",? on an? \w+ background|an? \w+ background with |;? the background is \w+")
+
+
+def word_accuracy(hypothesis: str, reference: str) -> float:
+    """``max(0, 1 - WER)``: word-level Levenshtein distance over the reference length,
+    case and punctuation ignored."""
+    hyp = re.findall(r"[a-z0-9'-]+", hypothesis.lower())
+    ref = re.findall(r"[a-z0-9'-]+", reference.lower())
+    if not ref:
+        raise ValueError("the reference has no words; word accuracy needs a non-empty reference")
+    row = list(range(len(hyp) + 1))
+    for i, r in enumerate(ref, start=1):
+        prev, row[0] = row[0], i
+        for j, h in enumerate(hyp, start=1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (r != h))
+    return max(0.0, 1.0 - row[-1] / len(ref))
+
+
+def _expected_words(obj: Any) -> dict[str, str]:
+    """The words a caption uses for each attribute of a scene object (see visual.py's captions)."""
+    from ..modalities.world.visual import _DIRECTION_PHRASE, _WHERE
+
+    words = {"shape": obj.shape, "colour": obj.colour}
+    motion = getattr(obj, "motion", None)
+    if motion is None:
+        return {**words, "size": obj.size, "position": _WHERE[obj.position]}
+    words["motion"] = {"moving": "moving", "bouncing": "bouncing", "growing": "growing"}.get(motion, "changing")
+    if motion == "moving":
+        words["direction"] = _DIRECTION_PHRASE[obj.direction]
+    if motion != "growing":
+        words["size"] = obj.size
+    if motion in ("growing", "colour-change"):
+        words["position"] = _WHERE[obj.position]
+    if motion == "colour-change":
+        words["end_colour"] = f"to {obj.end_colour}"
+        words["colour"] = f"from {obj.colour}"
+    return words
+
+
+def caption_attribute_accuracy(caption: str, scene: Any) -> dict[str, float]:
+    """Fraction of the scene's (object, attribute) pairs a generated caption gets right,
+    ``background`` (named right) and ``exact`` (every attribute, the right number of objects)."""
+    text = caption.lower()
+    background = float(re.search(rf"\b{scene.background}\b background|background is {scene.background}\b", text) is not None)
+    clauses = [c.strip() for c in _BACKGROUND.sub(" ", text).split(" and ") if c.strip()]
+    expected = [_expected_words(o) for o in scene.attributes]
+    total = sum(len(e) for e in expected)
+    best = 0
+    for perm in itertools.permutations(range(len(clauses)), min(len(clauses), len(expected))):
+        hits = sum(re.search(rf"\b{re.escape(w)}\b", clauses[j]) is not None
+                   for e, j in zip(expected, perm, strict=False) for w in e.values())  # fewer clauses: some unmatched
+        best = max(best, hits)
+    return {"attributes": best / total, "background": background,
+            "exact": float(best == total and len(clauses) == len(expected) and background == 1.0)}
+
+
+def _mean(rows: list[dict[str, float]]) -> dict[str, float]:
+    return {k: round(sum(r[k] for r in rows) / len(rows), 4) for k in rows[0]}
+
+
+def _attribute_mean(scores: dict[str, float], names: Sequence[str]) -> float:
+    present = [scores[k] for k in names if k in scores]
+    return sum(present) / len(present)
+
+
+def evaluate(bundle: Bundle, *, n: int = 50, heldout: int = 1000, tasks: Sequence[str] = TASKS,
+             progress: bool = True) -> dict[str, Any]:
+    """Score ``bundle`` on ``n`` held-out scenes per task (see the module docstring)."""
+    from tqdm import tqdm
+
+    from ..modalities.world.checker import IMAGE_ATTRIBUTES, VIDEO_ATTRIBUTES, check_image, check_video
+    from ..modalities.world.visual import sample_image_scene, sample_video_scene
+    from .tasks import MediaToTextPipeline, TextToMediaPipeline
+
+    if not 1 <= n <= heldout:
+        raise ValueError(f"n={n}: evaluate on 1..{heldout} held-out scenes")
+    unknown = sorted(set(tasks) - set(TASKS))
+    if unknown:
+        raise ValueError(f"unknown eval tasks {unknown}; choose from {TASKS}")
+    has = set(bundle.tokenizers)
+    results: dict[str, Any] = {"n": n, "bundle": str(bundle.path), "skipped": []}
+    visual = {"image": (sample_image_scene, check_image, IMAGE_ATTRIBUTES),
+              "video": (sample_video_scene, check_video, VIDEO_ATTRIBUTES)}
+    for task in tasks:
+        needs = {"text-speech-text": "speech"}.get(task) or next(m for m in task.split("-") if m != "text" and m != "to")
+        if needs not in has:
+            results["skipped"].append(task)
+            continue
+        t0 = time.perf_counter()
+        rows: list[dict[str, float]] = []
+        try:
+            for i in tqdm(range(n), desc=task, disable=not progress):
+                if task in ("text-to-image", "text-to-video"):
+                    sample, check, names = visual[needs]
+                    scene = sample(i)
+                    media = TextToMediaPipeline(bundle, needs)(scene.caption, seed=i)
+                    scores = check(media, scene)
+                    rows.append({"attribute_accuracy": _attribute_mean(scores, names), "all": scores["all"]})
+                elif task in ("image-to-text", "video-to-text"):
+                    scene = visual[needs][0](i)
+                    caption = MediaToTextPipeline(bundle, needs)(bundle.tokenizers[needs].example(i), seed=i)
+                    scores = caption_attribute_accuracy(caption, scene)
+                    rows.append({"attribute_accuracy": scores["attributes"], "background": scores["background"],
+                                 "exact_match": scores["exact"]})
+                elif task == "speech-to-text":
+                    from ..modalities.speech.synth import caption_for_seed
+
+                    transcript = MediaToTextPipeline(bundle, "speech")(bundle.tokenizers["speech"].example(i), seed=i)
+                    rows.append({"word_accuracy": word_accuracy(transcript, caption_for_seed(i))})
+                else:
+                    from ..modalities.speech.synth import caption_for_seed
+
+                    caption = caption_for_seed(i)
+                    audio = TextToMediaPipeline(bundle, "speech")(caption, seed=i)
+                    heard = MediaToTextPipeline(bundle, "speech")(audio, seed=i)
+                    rows.append({"word_accuracy": word_accuracy(heard, caption)})
+        except ValueError as e:  # e.g. a tokenizer that cannot decode what its own spec allows
+            results[task] = {"error": str(e), "scored": len(rows)}
+            continue
+        results[task] = {**_mean(rows), "seconds": round(time.perf_counter() - t0, 1)}
+    return results
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="tessera eval", description="Score a bundle on the built-in world's held-out scenes.",
+        epilog="examples:\n  tessera eval\n  tessera eval my_bundle --n 20 --tasks text-to-image image-to-text "
+               "--json eval.json", formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("bundle", nargs="?", default=str(DEFAULT_BUNDLE), help="bundle folder (default: the default bundle)")
+    p.add_argument("--n", type=int, default=50, help="held-out samples per task")
+    p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
+    p.add_argument("--json", help="also write the results to this file")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from .bundle import load_bundle
+
+    args = _parser().parse_args(argv)
+    try:
+        results = evaluate(load_bundle(args.bundle), n=args.n, tasks=args.tasks, progress=args.progress)
+    except ValueError as e:
+        print(f"tessera eval: error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        save_json(Path(args.json), results)
+    print(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,92 @@
+"""The built-in corpus: deterministic documents, held-out scenes never trained on, guidance
+dropout, the built-in sources' captions, and token shards the trainer reads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from doubles import GridDouble, VariableDouble, register_doubles
+from tessera.core.document import MediaSegment, TextSegment
+from tessera.llm.data import TokenShardReader
+from tessera.pipelines.bundle import Bundle, tiny_bundle
+from tessera.pipelines.corpus import CorpusConfig, builtin_sources, documents, scene_seed, tokenize_corpus
+from tessera.pipelines.tasks import text_to_media_prompt
+
+
+def _sources() -> dict:
+    """Media and a caption that names the scene seed, for the two doubles."""
+    return {"double_grid": lambda p, s: (p.example(s), f"grid scene {s}"),
+            "double_variable": lambda p, s: (p.example(s), f"sound scene {s}")}
+
+
+@pytest.fixture(scope="module")
+def bundle() -> Bundle:
+    register_doubles()
+    return tiny_bundle(plugins={"double_grid": GridDouble.debug(), "double_variable": VariableDouble.debug()})
+
+
+def _texts(doc) -> list[str]:
+    return [s.text for s in doc.segments if isinstance(s, TextSegment)]
+
+
+def test_documents_are_deterministic_and_cover_every_task(bundle: Bundle) -> None:
+    config = CorpusConfig.debug()
+    a = list(documents(bundle.tokenizers, n=40, config=config, sources=_sources()))
+    b = list(documents(bundle.tokenizers, n=40, config=config, sources=_sources()))
+    for x, y in zip(a, b, strict=True):
+        ix, mx = x.to_ids(bundle.vocab, bundle.text, bundle.tokenizers)
+        iy, my = y.to_ids(bundle.vocab, bundle.text, bundle.tokenizers)
+        assert torch.equal(ix, iy) and torch.equal(mx, my)
+    kinds = set()
+    for doc in a:
+        roles = [s.role for s in doc.segments]
+        media = [s for s in doc.segments if isinstance(s, MediaSegment)]
+        kinds.add("interleaved" if roles[0] is None else "to-media" if media[0].role == "assistant" else "to-text")
+    assert kinds == {"interleaved", "to-media", "to-text"}
+    assert {s.modality for d in a for s in d.segments if isinstance(s, MediaSegment)} == {"double_grid", "double_variable"}
+    other = list(documents(bundle.tokenizers, n=40, config=CorpusConfig(heldout=16, seed=1), sources=_sources()))
+    assert [_texts(d) for d in other] != [_texts(d) for d in a]
+
+
+def test_heldout_scenes_are_never_in_training(bundle: Bundle) -> None:
+    config = CorpusConfig.debug()
+    train = {t for d in documents(bundle.tokenizers, n=200, config=config, sources=_sources()) for t in _texts(d)}
+    held = {t for d in documents(bundle.tokenizers, n=32, split="heldout", config=config, sources=_sources())
+            for t in _texts(d)}
+    scenes = lambda texts: {int(t.rsplit(" ", 1)[1]) for t in texts if "scene" in t}  # noqa: E731
+    assert scenes(held) and scenes(held) <= set(range(16))
+    assert scenes(train) and min(scenes(train)) >= 16
+    with pytest.raises(ValueError, match="outside the 16 held-out scenes"):
+        scene_seed("heldout", 16, config)
+
+
+def test_guidance_dropout_leaves_out_some_captions(bundle: Bundle) -> None:
+    config = CorpusConfig(heldout=16, cfg_dropout=0.5, mix={"text-to-media": 1.0})
+    prompts = [_texts(d)[0] for d in documents(bundle.tokenizers, n=60, config=config, sources=_sources())]
+    empty = {text_to_media_prompt(k, "", v) for k in ("image", "audio") for v in range(3)}
+    dropped = sum(p in empty for p in prompts)
+    assert 15 <= dropped <= 45
+
+
+def test_builtin_image_source_captions_its_scene() -> None:
+    from tessera.modalities.world.visual import sample_image_scene
+
+    class FakeImage:
+        def example(self, seed: int) -> int:
+            return seed
+
+    media, caption = builtin_sources()["image"](FakeImage(), 1234)
+    assert media == 1234 and caption == sample_image_scene(1234).caption
+
+
+def test_tokenize_corpus_writes_shards_the_trainer_reads(bundle: Bundle, tmp_path: Path) -> None:
+    index = tokenize_corpus(bundle, 24, tmp_path / "shards", config=CorpusConfig.debug(), sources=_sources(),
+                            shard_size=10, progress=False)
+    assert index["docs"] == 24 and len(index["shards"]) == 3
+    assert index["manifest_hash"] == bundle.vocab.manifest_hash
+    reader = TokenShardReader(tmp_path / "shards", seq_len=64, expected_manifest_hash=bundle.vocab.manifest_hash,
+                              loop=False)
+    batch = next(reader.batches(2))
+    assert batch.ids.max() < bundle.vocab.size and batch.loss_weight.sum() > 0
