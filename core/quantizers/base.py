@@ -20,19 +20,40 @@ Conventions (documented once, used everywhere):
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
 
 __all__ = [
+    "fp32_math",
     "QuantizerOutput",
     "QuantizerStats",
     "Quantizer",
     "code_stats",
     "check_input",
 ]
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def fp32_math(fn: F) -> F:
+    """Run a quantizer method with autocast switched off, so that projections,
+    rounding and index arithmetic stay in fp32 under ``torch.autocast`` (bf16 matmuls
+    would otherwise produce wrong, even out-of-range, indices)."""
+
+    @functools.wraps(fn)
+    def wrapper(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
+        device_type = x.device.type if torch.is_tensor(x) else "cpu"
+        with torch.autocast(device_type, enabled=False):
+            return fn(self, x, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 @dataclass

@@ -28,7 +28,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from .base import Quantizer, QuantizerOutput, check_input, code_stats
+from .base import Quantizer, QuantizerOutput, check_input, code_stats, fp32_math
 from .lfq import check_indices
 
 __all__ = ["FSQ", "RECOMMENDED_LEVELS"]
@@ -287,6 +287,7 @@ class FSQ(Quantizer):
 
     # -- the interface -------------------------------------------------------------------
 
+    @fp32_math
     def forward(self, x: Tensor, mask: Tensor | None = None) -> QuantizerOutput:
         check_input(x, self.dim, mask, "FSQ")
         noise_p = self.noise_dropout if self.training else 0.0
@@ -307,6 +308,7 @@ class FSQ(Quantizer):
         )
 
     @torch.no_grad()
+    @fp32_math
     def encode(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         check_input(x, self.dim, mask, "FSQ")
         _, digits, _ = self._quantize(x)
@@ -314,6 +316,7 @@ class FSQ(Quantizer):
         return indices if mask is None else indices.masked_fill(~mask, -1)
 
     @torch.no_grad()
+    @fp32_math
     def decode(self, indices: Tensor) -> Tensor:
         """Indices ``(...)`` -> quantized vectors ``(..., dim)``; ``-1`` decodes to zeros."""
         check_indices(indices, self.codebook_size, "FSQ")

@@ -15,7 +15,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from .base import Quantizer, QuantizerOutput, check_input, multi_code_stats
+from .base import Quantizer, QuantizerOutput, check_input, fp32_math, multi_code_stats
 from .bsq import BSQ
 from .fsq import FSQ
 from .lfq import LFQ
@@ -108,6 +108,7 @@ class GroupedQuantizer(Quantizer):
             **self.inner_kwargs,
         }
 
+    @fp32_math
     def forward(self, x: Tensor, mask: Tensor | None = None) -> QuantizerOutput:
         check_input(x, self.dim, mask, "GroupedQuantizer")
         outs = [
@@ -129,6 +130,7 @@ class GroupedQuantizer(Quantizer):
         )
 
     @torch.no_grad()
+    @fp32_math
     def encode(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         check_input(x, self.dim, mask, "GroupedQuantizer")
         chunks = x.split(self.group_dim, dim=-1)
@@ -137,6 +139,7 @@ class GroupedQuantizer(Quantizer):
         )
 
     @torch.no_grad()
+    @fp32_math
     def decode(self, indices: Tensor) -> Tensor:
         """``(..., groups)`` indices -> ``(..., dim)`` fp32; ``-1`` decodes to zeros."""
         if not torch.is_tensor(indices) or indices.ndim < 1 or indices.shape[-1] != self.groups:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Quantizer, QuantizerOutput, check_input, code_stats
+from .base import Quantizer, QuantizerOutput, check_input, code_stats, fp32_math
 
 __all__ = ["LFQ", "bit_entropies", "bits_to_indices", "check_indices", "indices_to_bits"]
 
@@ -203,6 +203,7 @@ class LFQ(Quantizer):
 
     # -- the interface -------------------------------------------------------------------
 
+    @fp32_math
     def forward(self, x: Tensor, mask: Tensor | None = None) -> QuantizerOutput:
         who = type(self).__name__
         check_input(x, self.dim, mask, who)
@@ -236,12 +237,14 @@ class LFQ(Quantizer):
         )
 
     @torch.no_grad()
+    @fp32_math
     def encode(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         check_input(x, self.dim, mask, type(self).__name__)
         indices = bits_to_indices(self._latent(x) >= 0)
         return indices if mask is None else indices.masked_fill(~mask, -1)
 
     @torch.no_grad()
+    @fp32_math
     def decode(self, indices: Tensor) -> Tensor:
         """Indices ``(...)`` -> quantized vectors ``(..., dim)`` in fp32; ``-1`` decodes to zeros."""
         check_indices(indices, self.codebook_size, type(self).__name__)

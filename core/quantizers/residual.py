@@ -24,7 +24,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from .base import Quantizer, QuantizerOutput, check_input, multi_code_stats
+from .base import Quantizer, QuantizerOutput, check_input, fp32_math, multi_code_stats
 from .fsq import FSQ
 from .vq import VectorQuantizer
 
@@ -152,6 +152,7 @@ class ResidualQuantizer(Quantizer):
 
     # -- the interface -------------------------------------------------------------------
 
+    @fp32_math
     def forward(self, x: Tensor, mask: Tensor | None = None, n_levels: int | None = None) -> QuantizerOutput:
         check_input(x, self.dim, mask, "ResidualQuantizer")
         n = self._check_levels(n_levels)
@@ -197,6 +198,7 @@ class ResidualQuantizer(Quantizer):
         )
 
     @torch.no_grad()
+    @fp32_math
     def encode(self, x: Tensor, mask: Tensor | None = None, n_levels: int | None = None) -> Tensor:
         """Indices ``(..., n_levels)`` (all levels by default); never updates a codebook."""
         check_input(x, self.dim, mask, "ResidualQuantizer")
@@ -211,6 +213,7 @@ class ResidualQuantizer(Quantizer):
         return torch.stack(indices, dim=-1)
 
     @torch.no_grad()
+    @fp32_math
     def decode(self, indices: Tensor) -> Tensor:
         """``(..., k)`` indices of the first ``k <= num_levels`` levels -> ``(..., dim)`` fp32.
 
