@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core.checkpoint import load_json, load_tensors, save_json, save_tensors
-from ..core.vocab import ManifestMismatchError
+from ..core.vocab import ManifestMismatchError, diff_manifests
 
 __all__ = ["LLMConfig", "RMSNorm", "Attention", "MLP", "Block", "KVCache", "TesseraLM", "rope_cache"]
 
@@ -374,9 +374,15 @@ class TesseraLM(nn.Module):
     # ---- checkpoints ----
 
     def save_pretrained(self, folder: str | os.PathLike, *, manifest_hash: str,
-                        dtype: torch.dtype | None = None) -> None:
-        """config.json (config + "manifest_hash") and model.safetensors (a tied head is not stored)."""
+                        manifest: dict[str, Any] | None = None, dtype: torch.dtype | None = None) -> None:
+        """config.json (config + "manifest_hash") and model.safetensors (a tied head is not stored);
+        with ``manifest``, also manifest.json, so a later mismatch can say what differs."""
         folder = Path(folder)
+        if manifest is not None:
+            if manifest.get("hash") != manifest_hash:
+                raise ValueError(f"manifest has hash {manifest.get('hash')}, but manifest_hash={manifest_hash}; "
+                                 f"pass the manifest of the vocabulary the model was trained with")
+            save_json(folder / "manifest.json", manifest)
         state = {k: (v.to(dtype) if dtype is not None else v) for k, v in self.state_dict().items()}
         if self.config.tie_embeddings:
             state.pop("lm_head.weight")
@@ -396,9 +402,13 @@ class TesseraLM(nn.Module):
         if expected_manifest is not None and expected_manifest_hash is None:
             expected_manifest_hash = expected_manifest.get("hash")
         if expected_manifest_hash is not None and stored != expected_manifest_hash:
+            what = ""
+            if expected_manifest is not None and (folder / "manifest.json").is_file():
+                differences = diff_manifests(load_json(folder / "manifest.json"), expected_manifest)
+                what = " What differs (trained → in use): " + "; ".join(differences[:10]) + "."
             raise ManifestMismatchError(
                 f"{folder}: the model was trained with manifest {stored}, but the vocabulary in use has "
-                f"manifest {expected_manifest_hash}; token ids would decode to the wrong things. Load the "
+                f"manifest {expected_manifest_hash}; token ids would decode to the wrong things.{what} Load the "
                 f"bundle this model was trained with, or resize and fine-tune it for this vocabulary")
         model = cls(LLMConfig.from_dict(raw))
         state = load_tensors(folder / "model.safetensors")

@@ -150,7 +150,7 @@ def build(config: BuildConfig, *, progress: bool = True) -> tuple[Bundle, dict[s
     llm_config = LLMConfig.preset(config.model, vocab_size=1)  # create_bundle sets the vocabulary size
     llm_config.max_seq_len = config.max_seq_len
     bundle = create_bundle(text, tokenizers, model_config=llm_config, seed=config.seed)
-    bundle.model.save_pretrained(work / "init", manifest_hash=bundle.vocab.manifest_hash)
+    bundle.model.save_pretrained(work / "init", manifest_hash=bundle.vocab.manifest_hash, manifest=bundle.vocab.manifest())
     corpus = CorpusConfig(seed=config.seed)
     data = {}
     for split, n in (("train", config.train_docs), ("heldout", config.heldout_docs)):

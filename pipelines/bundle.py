@@ -248,7 +248,7 @@ def save_bundle(bundle: Bundle, path: str | os.PathLike, *, dtype: torch.dtype |
     bundle.text.save(folder / "text.model")
     for name, plugin in bundle.tokenizers.items():
         plugin.save(str(folder / "tokenizers" / name))
-    bundle.model.save_pretrained(folder / "llm", manifest_hash=manifest["hash"], dtype=dtype)
+    bundle.model.save_pretrained(folder / "llm", manifest_hash=manifest["hash"], manifest=manifest, dtype=dtype)
     save_json(folder / "settings.json", bundle.settings)
     save_json(folder / "manifest.json", manifest)  # last: a half-written bundle has no valid manifest
     bundle.path = folder

@@ -159,3 +159,22 @@ def test_debug_model_learns_a_repeating_sequence() -> None:
         opt.step()
         losses.append(loss.item())
     assert losses[0] > 3.0 and losses[-1] < 0.5, (losses[0], losses[-1])
+
+
+def test_loading_with_another_vocabulary_says_what_differs(tmp_path) -> None:
+    from tessera.core.spec import ModalitySpec, TokenLayout
+    from tessera.core.vocab import UnifiedVocab
+
+    def spec(fingerprint: str) -> ModalitySpec:
+        layout = TokenLayout(kind="fixed", levels=(16,), steps=4)
+        return ModalitySpec(name="image", version="1", media_kind="image", layout=layout, fingerprint=fingerprint)
+
+    trained = UnifiedVocab.build(100, [spec("a" * 64)])
+    in_use = UnifiedVocab.build(100, [spec("b" * 64)])
+    model = debug_model()
+    model.save_pretrained(tmp_path, manifest_hash=trained.manifest_hash, manifest=trained.manifest())
+    TesseraLM.from_pretrained(tmp_path, expected_manifest=trained.manifest())
+    with pytest.raises(ManifestMismatchError, match="What differs.*fingerprint"):
+        TesseraLM.from_pretrained(tmp_path, expected_manifest=in_use.manifest())
+    with pytest.raises(ValueError, match="pass the manifest"):
+        model.save_pretrained(tmp_path, manifest_hash="x" * 64, manifest=trained.manifest())
