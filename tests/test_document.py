@@ -93,9 +93,7 @@ def test_random_documents_survive_ids_round_trip(
     assert Grammar(vocab).validate(ids) is None
     back = Document.from_ids(ids, vocab, text)
     assert normalised(back) == normalised(doc)
-    assert torch.equal(
-        back.to_ids(vocab, text)[0], Document.from_ids(ids, vocab, text).to_ids(vocab, text)[0]
-    )
+    assert torch.equal(back.to_ids(vocab, text)[0], ids)
 
 
 # ---- real files end to end ---------------------------------------------------------------

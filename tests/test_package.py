@@ -44,7 +44,8 @@ def test_torch_and_torchaudio_are_pinned() -> None:
 def test_importing_core_stays_light() -> None:
     code = (
         "import sys, tessera, tessera.core, tessera.core.spec, tessera.core.registry, "
-        "tessera.core.checkpoint, tessera.core.training, tessera.core.quantizers;"
+        "tessera.core.checkpoint, tessera.core.training, tessera.core.quantizers, tessera.core.vocab, "
+        "tessera.core.document, tessera.core.grammar, tessera.core.text, tessera.core.metrics;"
         "heavy = [m for m in ('gradio', 'deepspeed', 'trimesh', 'transformers') if m in sys.modules];"
         "print(','.join(heavy))"
     )
