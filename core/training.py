@@ -1,6 +1,7 @@
 """Pieces every training loop in Tessera shares (tokenizers of every modality, and the
 LLM outside DeepSpeed): a JSONL metrics log, resumable training state in safetensors +
-JSON (never pickle), and seeding.
+JSON (never pickle), seeding, a warmup + cosine learning-rate schedule and the check
+that a config's counts are at least one.
 
 A training state folder holds ``model.safetensors``, ``optimizer.safetensors`` and
 ``state.json`` (step, optimizer hyper-parameters, anything the loop wants to resume).
@@ -9,6 +10,7 @@ A training state folder holds ``model.safetensors``, ``optimizer.safetensors`` a
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import time
@@ -27,6 +29,8 @@ __all__ = [
     "optimizer_from_tensors",
     "save_training_state",
     "load_training_state",
+    "warmup_cosine",
+    "check_at_least_one",
 ]
 
 
@@ -139,3 +143,20 @@ def load_training_state(
     if rng.exists():
         torch.set_rng_state(load_tensors(rng)["torch"])
     return {"step": meta["step"], "extra": meta.get("extra", {})}
+
+
+def warmup_cosine(step: int, *, warmup: int, steps: int, floor: float) -> float:
+    """Learning-rate multiplier at ``step`` (from 0): linear warmup to 1 over ``warmup``
+    steps, then a half cosine from 1 down to ``floor`` at ``steps``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, steps - warmup))
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def check_at_least_one(config: object, names: tuple[str, ...]) -> None:
+    """Raise ``ValueError`` naming the first field of ``config`` among ``names`` below 1."""
+    for name in names:
+        value = getattr(config, name)
+        if value < 1:
+            raise ValueError(f"{type(config).__name__}.{name}={value} must be >= 1; use a positive count")

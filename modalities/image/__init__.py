@@ -22,9 +22,15 @@ from pathlib import Path
 from typing import ClassVar
 
 import torch
-from tessera.core.checkpoint import load_json, load_tensors, save_json, save_tensors, sha256_tensors
+from tessera.core.checkpoint import sha256_tensors
 from tessera.core.registry import register_modality
 from tessera.core.spec import LayoutError, MetaField, ModalitySpec, TokenLayout
+from tessera.core.tokenizer_files import (
+    load_weights,
+    pretrained_folder,
+    read_tokenizer_folder,
+    save_tokenizer_folder,
+)
 from torch import Tensor
 
 from .io import IMAGE_EXTENSIONS, check_image_tensor, fit_image, load_image, save_image
@@ -138,30 +144,21 @@ class ImageTokenizer:
         save_image(media, path)
 
     def save(self, path: str) -> None:
-        folder = Path(path)
-        folder.mkdir(parents=True, exist_ok=True)
-        save_tensors(folder / "model.safetensors", self.model.state_dict())
-        save_json(folder / "config.json", {"config": self.config.to_dict(), "spec": self.spec.to_dict()})
+        save_tokenizer_folder(path, state=self.model.state_dict(), config_key="config", config=self.config.to_dict(),
+                              spec=self.spec, format_version=None)
 
     @classmethod
     def load(cls, path: str) -> ImageTokenizer:
-        folder = Path(path)
-        meta = load_json(folder / "config.json")
-        config = ImageTokenizerConfig.from_dict(meta["config"])
-        tok = cls(config)
-        tok.model.load_state_dict(load_tensors(folder / "model.safetensors"))
-        tok.model.eval()
+        config, state = read_tokenizer_folder(path, config_key="config", format_version=None)
+        tok = cls(ImageTokenizerConfig.from_dict(config))
+        load_weights(tok.model, state, path)
         return tok
 
     @classmethod
     def pretrained(cls) -> ImageTokenizer:
         """The shipped built-in-world checkpoint (``weights/``)."""
-        if not (WEIGHTS_DIR / "config.json").is_file():
-            raise FileNotFoundError(
-                f"{WEIGHTS_DIR}: no shipped image checkpoint; train one with "
-                f"`tessera tokenizer train image --data builtin --out runs/image`"
-            )
-        return cls.load(str(WEIGHTS_DIR))
+        hint = "train one with `tessera tokenizer train image --data builtin --out runs/image`"
+        return cls.load(str(pretrained_folder(WEIGHTS_DIR, modality="image", hint=hint)))
 
     @classmethod
     def debug(cls) -> ImageTokenizer:

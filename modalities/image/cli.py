@@ -3,8 +3,8 @@ here as ``main([VERB, ...])``):
 
     train   --data builtin|FOLDER --out DIR [--steps N ...]   train (resumes if DIR has a checkpoint)
     eval    [--checkpoint DIR] [--data builtin|FOLDER]          PSNR, SSIM, codebook use, token rates
-    encode  [--checkpoint DIR] IMAGE --output IDS.json          image file -> local token ids
-    decode  [--checkpoint DIR] IDS.json --output IMAGE           local token ids -> image file
+    encode  [--checkpoint DIR] IMAGE [--out IDS.json]          image file -> local token ids
+    decode  [--checkpoint DIR] IDS.json [--out IMAGE]           local token ids -> image file
 
 Without ``--checkpoint`` the shipped built-in-world checkpoint is used.
 """
@@ -15,10 +15,17 @@ import argparse
 import json
 import math
 import sys
-import time
 from pathlib import Path
 
 import torch
+from tessera.core.tokenizer_cli import (
+    add_codec_verbs,
+    decode_file,
+    encode_file,
+    load_tokenizer,
+    timed,
+    with_overrides,
+)
 
 __all__ = ["main", "build_parser"]
 
@@ -26,7 +33,7 @@ __all__ = ["main", "build_parser"]
 def _load(checkpoint: str | None):  # -> ImageTokenizer
     from . import ImageTokenizer
 
-    return ImageTokenizer.pretrained() if checkpoint is None else ImageTokenizer.load(checkpoint)
+    return load_tokenizer(ImageTokenizer, checkpoint)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -42,21 +49,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             **({"image_size": [args.image_size, args.image_size]} if args.image_size else {}),
         }
     )
-    tc = TrainConfig.debug() if args.preset == "debug" else TrainConfig()
-    overrides = {
-        "data": args.data,
-        "steps": args.steps,
-        "batch_size": args.batch_size,
-        "lr": args.lr,
-        "warmup_steps": args.warmup_steps,
-        "disc_weight": args.disc_weight,
-        "disc_start": args.disc_start,
-        "train_images": args.train_images,
-        "eval_every": args.eval_every,
-        "seed": args.seed,
-        "threads": args.threads,
-    }
-    train_config = TrainConfig(**{**tc.to_dict(), **{k: v for k, v in overrides.items() if v is not None}})
+    names = ("data", "steps", "batch_size", "lr", "warmup_steps", "disc_weight", "disc_start", "train_images",
+             "eval_every", "seed", "threads")
+    train_config = with_overrides(TrainConfig.debug() if args.preset == "debug" else TrainConfig(), args, names)
     metrics = train(args.out, model_config, train_config, progress=not args.no_progress)
     print(json.dumps({"out": str(Path(args.out) / "final"), **metrics}, indent=2))
     return 0
@@ -85,11 +80,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         m = evaluate(tok.model, g)
         for k in totals:
             totals[k] += m[k] * g.shape[0]
-        t0 = time.perf_counter()
-        ids = tok.encode_batch(g)
-        t1 = time.perf_counter()
-        tok.decode_batch(ids)
-        t_enc, t_dec = t_enc + t1 - t0, t_dec + time.perf_counter() - t1
+        ids, enc = timed(tok.encode_batch, g)
+        _, dec = timed(tok.decode_batch, ids)
+        t_enc, t_dec = t_enc + enc, t_dec + dec
         tokens += ids.numel()
     usage = evaluate(tok.model, groups[0])
     pixels = sum(g.shape[0] * g.shape[2] * g.shape[3] for g in groups)
@@ -111,37 +104,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_encode(args: argparse.Namespace) -> int:
     tok = _load(args.checkpoint)
-    image = tok.read(args.input)
-    t0 = time.perf_counter()
-    ids = tok.encode(image)
-    seconds = time.perf_counter() - t0
-    doc = {"modality": "image", "fingerprint": tok.spec.fingerprint, "ids": ids.tolist()}
-    Path(args.output).write_text(json.dumps(doc) + "\n")
-    h, w = image.shape[1:]
-    print(f"{args.input}: {h}x{w} -> {ids.numel()} tokens (grid {h // tok.config.factor}x{w // tok.config.factor} "
-          f"+ 2 meta) in {seconds * 1000:.1f} ms -> {args.output}")
+    ids, out, seconds = encode_file(tok, args.input, args.out)
+    grid, _ = tok.layout.unflatten(ids)
+    h, w, f = grid["height"], grid["width"], tok.config.factor
+    print(f"{args.input}: {h * f}x{w * f} -> {ids.numel()} tokens (grid {h}x{w} + 2 meta) "
+          f"in {seconds * 1000:.1f} ms -> {out}")
     return 0
 
 
 def cmd_decode(args: argparse.Namespace) -> int:
     tok = _load(args.checkpoint)
-    path = Path(args.input)
-    try:
-        doc = json.loads(path.read_text())
-        ids = torch.tensor(doc["ids"], dtype=torch.long)
-    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"{path}: not an ids file written by `encode` ({e}); expected JSON with an 'ids' list") from e
-    fingerprint = tok.spec.fingerprint
-    if doc.get("fingerprint") not in (None, fingerprint):
-        raise ValueError(
-            f"{path}: encoded by weights {doc['fingerprint'][:16]}…, but this checkpoint is {fingerprint[:16]}…; "
-            f"decode with the checkpoint that encoded it (--checkpoint)"
-        )
-    t0 = time.perf_counter()
-    image = tok.decode(ids)
-    seconds = time.perf_counter() - t0
-    tok.write(image, args.output)
-    print(f"{path}: {ids.numel()} tokens -> {image.shape[1]}x{image.shape[2]} in {seconds * 1000:.1f} ms -> {args.output}")
+    image, ids, out, seconds = decode_file(tok, args.input, args.out, default_suffix=".png")
+    print(f"{args.input}: {ids.numel()} tokens -> {image.shape[1]}x{image.shape[2]} in {seconds * 1000:.1f} ms -> {out}")
     return 0
 
 
@@ -177,12 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--threads", type=int, default=2)
     e.set_defaults(func=cmd_eval)
 
-    for verb, helptext, fn in (("encode", "image file -> ids JSON", cmd_encode), ("decode", "ids JSON -> image file", cmd_decode)):
-        s = sub.add_parser(verb, help=helptext)
-        s.add_argument("--checkpoint", help="tokenizer folder (default: the shipped checkpoint)")
-        s.add_argument("input")
-        s.add_argument("--output", required=True)
-        s.set_defaults(func=fn)
+    add_codec_verbs(sub, media="image file", encode=cmd_encode, decode=cmd_decode, decoded_suffix=".png")
     return p
 
 

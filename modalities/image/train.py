@@ -20,7 +20,6 @@ Both get random flips.
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -31,7 +30,14 @@ import torch
 import torch.nn.functional as F
 from tessera.core.checkpoint import save_json
 from tessera.core.quantizers import code_stats
-from tessera.core.training import MetricsLog, load_training_state, save_training_state, seed_everything
+from tessera.core.training import (
+    MetricsLog,
+    check_at_least_one,
+    load_training_state,
+    save_training_state,
+    seed_everything,
+    warmup_cosine,
+)
 from torch import Tensor
 
 from .io import IMAGE_EXTENSIONS, fit_image, load_image
@@ -75,9 +81,8 @@ class TrainConfig:
     threads: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "train_images", "eval_images", "eval_every", "log_every", "checkpoint_every", "threads"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"TrainConfig: {name}={getattr(self, name)}; it must be >= 1")
+        check_at_least_one(self, ("steps", "batch_size", "train_images", "eval_images", "eval_every", "log_every",
+                                  "checkpoint_every", "threads"))
         if self.lr <= 0 or self.disc_lr <= 0:
             raise ValueError(f"TrainConfig: lr={self.lr}, disc_lr={self.disc_lr}; learning rates must be > 0")
         if self.disc_weight < 0:
@@ -230,13 +235,6 @@ def save_usage_plot(counts: Tensor, path: str | os.PathLike, *, title: str) -> N
 # ---------------------------------------------------------------------------------------
 # The loop
 # ---------------------------------------------------------------------------------------
-def _lr_factor(step: int, tc: TrainConfig) -> float:
-    if step < tc.warmup_steps:
-        return (step + 1) / tc.warmup_steps
-    t = min(1.0, (step - tc.warmup_steps) / max(1, tc.steps - tc.warmup_steps))
-    return tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
-
-
 def _adaptive_weight(rec_loss: Tensor, g_loss: Tensor, last_layer: Tensor) -> Tensor:
     """VQGAN's balance: ||∇ rec|| / ||∇ adv|| at the decoder's last layer."""
     rec_grad = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
@@ -296,7 +294,7 @@ def train(
     model.train()
     while step < tc.steps:
         for group in opt.param_groups:
-            group["lr"] = tc.lr * _lr_factor(step, tc)
+            group["lr"] = tc.lr * warmup_cosine(step, warmup=tc.warmup_steps, steps=tc.steps, floor=tc.min_lr_ratio)
         x = batches.sample(tc.batch_size)
         recon, q = model(x)
         rec_loss = tc.l1_weight * (recon - x).abs().mean() + tc.l2_weight * (recon - x).pow(2).mean()

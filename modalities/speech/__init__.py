@@ -26,16 +26,15 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from ...core.checkpoint import (
-    CheckpointError,
-    load_json,
-    load_tensors,
-    save_json,
-    save_tensors,
-    sha256_tensors,
-)
+from ...core.checkpoint import sha256_tensors
 from ...core.registry import register_modality
 from ...core.spec import LayoutError, ModalitySpec, TokenLayout
+from ...core.tokenizer_files import (
+    load_weights,
+    pretrained_folder,
+    read_tokenizer_folder,
+    save_tokenizer_folder,
+)
 from .codec import CodecConfig, SpeechCodec
 from .io import AUDIO_EXTENSIONS, AudioError, check_audio, read_audio, write_audio
 
@@ -115,37 +114,21 @@ class SpeechTokenizer:
         write_audio(media, path, sample_rate=self.sample_rate)
 
     def save(self, path: str | os.PathLike) -> None:
-        folder = Path(path)
-        folder.mkdir(parents=True, exist_ok=True)
-        save_tensors(folder / "model.safetensors", self.codec.state_dict())
-        save_json(
-            folder / "config.json",
-            {"format": _FORMAT_VERSION, "codec": self.config.to_dict(), "spec": self.spec.to_dict()},
+        save_tokenizer_folder(
+            path, state=self.codec.state_dict(), config_key="codec", config=self.config.to_dict(),
+            spec=self.spec, format_version=_FORMAT_VERSION,
         )
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> SpeechTokenizer:
-        folder = Path(path)
-        meta = load_json(folder / "config.json")
-        if meta.get("format") != _FORMAT_VERSION:
-            raise CheckpointError(
-                f"{folder}/config.json has format {meta.get('format')!r}, this version reads {_FORMAT_VERSION!r}; "
-                f"re-save the tokenizer with this version of Tessera"
-            )
-        config = CodecConfig.from_dict(meta["codec"])
-        codec = SpeechCodec(config)
-        try:
-            codec.load_state_dict(load_tensors(folder / "model.safetensors"))
-        except RuntimeError as e:
-            raise CheckpointError(f"{folder}/model.safetensors does not match config.json ({e})") from e
-        return cls(config, codec)
+        raw, state = read_tokenizer_folder(path, config_key="codec", format_version=_FORMAT_VERSION)
+        config = CodecConfig.from_dict(raw)
+        return cls(config, load_weights(SpeechCodec(config), state, path))
 
     @classmethod
     def pretrained(cls) -> SpeechTokenizer:
         """The checkpoint shipped in :data:`WEIGHTS_DIR`."""
-        if not (WEIGHTS_DIR / "config.json").is_file():
-            raise CheckpointError(f"{WEIGHTS_DIR} holds no checkpoint; train one (see weights/README.md)")
-        return cls.load(WEIGHTS_DIR)
+        return cls.load(pretrained_folder(WEIGHTS_DIR, modality="speech", hint="train one (see weights/README.md)"))
 
     @classmethod
     def debug(cls) -> SpeechTokenizer:

@@ -21,13 +21,15 @@ from pathlib import Path
 
 import torch
 
+from ...core.tokenizer_cli import add_codec_verbs, decode_file, encode_file, load_tokenizer, with_overrides
+
 __all__ = ["main", "build_parser"]
 
 
 def _tokenizer(checkpoint: str | None):
     from . import SpeechTokenizer
 
-    return SpeechTokenizer.pretrained() if checkpoint is None else SpeechTokenizer.load(checkpoint)
+    return load_tokenizer(SpeechTokenizer, checkpoint)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -35,20 +37,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .train import HELD_OUT_BASE, SpokenCorpus, TrainConfig, evaluate, train
 
     cfg = TrainConfig.debug() if args.preset == "debug" else TrainConfig.default()
-    overrides = {
-        k: v
-        for k, v in {
-            "steps": args.steps,
-            "batch_size": args.batch_size,
-            "train_clips": args.train_clips,
-            "sample_every": args.sample_every,
-            "seed": args.seed,
-        }.items()
-        if v is not None
-    }
+    cfg = with_overrides(cfg, args, ("steps", "batch_size", "train_clips", "sample_every", "seed"))
     if args.adversarial:
-        overrides["adversarial"] = True
-    cfg = replace(cfg, **overrides)
+        cfg = replace(cfg, adversarial=True)
     codec, _ = train(cfg, args.out, resume=args.resume, progress=not args.quiet)
     tok = SpeechTokenizer(cfg.codec, codec)
     tok.save(Path(args.out) / "final")
@@ -69,28 +60,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_encode(args: argparse.Namespace) -> int:
     tok = _tokenizer(args.checkpoint)
-    ids = tok.encode(tok.read(args.input))
-    out = Path(args.out or Path(args.input).with_suffix(".ids.json"))
-    out.write_text(
-        json.dumps({"modality": "speech", "fingerprint": tok.spec.fingerprint, "ids": ids.tolist()})
-    )
+    ids, out, _ = encode_file(tok, args.input, args.out)
     print(f"{args.input}: {ids.numel()} tokens ({ids.numel() // tok.config.num_levels} frames) -> {out}")
     return 0
 
 
 def cmd_decode(args: argparse.Namespace) -> int:
     tok = _tokenizer(args.checkpoint)
-    data = json.loads(Path(args.input).read_text())
-    if not isinstance(data, dict) or data.get("modality") != "speech" or "ids" not in data:
-        raise ValueError(f"{args.input}: expected the JSON written by 'tessera tokenizer encode speech'")
-    if data.get("fingerprint") not in (None, tok.spec.fingerprint):
-        raise ValueError(
-            f"{args.input} was encoded by a tokenizer with fingerprint {data['fingerprint'][:12]}…, this one is "
-            f"{tok.spec.fingerprint[:12]}…; decode with the checkpoint that encoded it"
-        )
-    wav = tok.decode(torch.tensor(data["ids"], dtype=torch.long), levels=args.levels)
-    out = args.out or str(Path(args.input).with_suffix("")) + ".decoded.wav"
-    tok.write(wav, out)
+    wav, _, out, _ = decode_file(tok, args.input, args.out, default_suffix=".wav", levels=args.levels)
     print(f"{args.input}: {wav.numel() / tok.sample_rate:.2f} s -> {out}")
     return 0
 
@@ -117,17 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--clips", type=int, default=32)
     e.add_argument("--levels", type=int, help="decode from the first K residual levels only")
     e.set_defaults(func=cmd_eval)
-    c = sub.add_parser("encode", help="audio file -> token ids (JSON)")
-    c.add_argument("input")
-    c.add_argument("--out")
-    c.add_argument("--checkpoint")
-    c.set_defaults(func=cmd_encode)
-    d = sub.add_parser("decode", help="token ids (JSON) -> audio file")
-    d.add_argument("input")
-    d.add_argument("--out", help="WAV/FLAC/OGG path (default: INPUT.decoded.wav)")
+    _, d = add_codec_verbs(sub, media="audio file", encode=cmd_encode, decode=cmd_decode, decoded_suffix=".wav")
     d.add_argument("--levels", type=int, help="decode from the first K residual levels only")
-    d.add_argument("--checkpoint")
-    d.set_defaults(func=cmd_decode)
     return p
 
 

@@ -17,7 +17,6 @@ Held-out clips come from seeds no training run uses (:data:`HELD_OUT_BASE` upwar
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,7 +27,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...core.checkpoint import load_tensors, save_tensors
-from ...core.training import MetricsLog, load_training_state, save_training_state, seed_everything
+from ...core.training import (
+    MetricsLog,
+    check_at_least_one,
+    load_training_state,
+    save_training_state,
+    seed_everything,
+    warmup_cosine,
+)
 from .codec import CodecConfig, SpectralLoss, SpeechCodec, mel_distance
 from .synth import SAMPLE_RATE, caption_for_seed, spoken_clip
 
@@ -70,9 +76,7 @@ class TrainConfig:
     ckpt_every: int = 50
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "train_clips", "log_every", "sample_every", "ckpt_every"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"TrainConfig.{name}={getattr(self, name)} must be >= 1")
+        check_at_least_one(self, ("steps", "batch_size", "train_clips", "log_every", "sample_every", "ckpt_every"))
         if self.segment_seconds * self.codec.sample_rate < self.codec.frame_samples:
             raise ValueError(
                 f"TrainConfig.segment_seconds={self.segment_seconds} is shorter than one codec frame "
@@ -267,13 +271,6 @@ def spectrogram_png(wav: Tensor, path: str | os.PathLike, *, n_fft: int = 512, h
     Image.fromarray(img, mode="L").save(path)
 
 
-def _lr_at(step: int, cfg: TrainConfig) -> float:
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
-
-
 def _write_samples(codec: SpeechCodec, corpus: SpokenCorpus, folder: Path, n: int = 2) -> None:
     from .io import write_audio
 
@@ -333,7 +330,7 @@ def train(
     )
     with MetricsLog(out / "metrics.jsonl") as log:
         for step in bar:
-            lr = _lr_at(step, cfg)
+            lr = cfg.lr * warmup_cosine(step, warmup=cfg.warmup, steps=cfg.steps, floor=0.05)
             for g in opt.param_groups:
                 g["lr"] = lr
             wav = random_batch(corpus, cfg.batch_size, cfg.segment_samples, gen)

@@ -29,16 +29,15 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from ...core.checkpoint import (
-    CheckpointError,
-    load_json,
-    load_tensors,
-    save_json,
-    save_tensors,
-    sha256_tensors,
-)
+from ...core.checkpoint import sha256_tensors
 from ...core.registry import register_modality
 from ...core.spec import ModalitySpec, TokenLayout
+from ...core.tokenizer_files import (
+    load_weights,
+    pretrained_folder,
+    read_tokenizer_folder,
+    save_tokenizer_folder,
+)
 from .io import VIDEO_EXTENSIONS, VideoError, check_clip, read_video, write_video
 from .model import VideoAutoencoder, VideoTokenizerConfig
 
@@ -101,37 +100,21 @@ class VideoTokenizer:
         write_video(media, path, fps=self.config.fps)
 
     def save(self, path: str | os.PathLike) -> None:
-        folder = Path(path)
-        folder.mkdir(parents=True, exist_ok=True)
-        save_tensors(folder / "model.safetensors", self.model.state_dict())
-        save_json(
-            folder / "config.json",
-            {"format": _FORMAT_VERSION, "model": self.config.to_dict(), "spec": self.spec.to_dict()},
+        save_tokenizer_folder(
+            path, state=self.model.state_dict(), config_key="model", config=self.config.to_dict(),
+            spec=self.spec, format_version=_FORMAT_VERSION,
         )
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> VideoTokenizer:
-        folder = Path(path)
-        meta = load_json(folder / "config.json")
-        if meta.get("format") != _FORMAT_VERSION:
-            raise CheckpointError(
-                f"{folder}/config.json has format {meta.get('format')!r}, this version reads {_FORMAT_VERSION!r}; "
-                f"re-save the tokenizer with this version of Tessera"
-            )
-        config = VideoTokenizerConfig.from_dict(meta["model"])
-        model = VideoAutoencoder(config)
-        try:
-            model.load_state_dict(load_tensors(folder / "model.safetensors"))
-        except RuntimeError as e:
-            raise CheckpointError(f"{folder}/model.safetensors does not match config.json ({e})") from e
-        return cls(config, model)
+        raw, state = read_tokenizer_folder(path, config_key="model", format_version=_FORMAT_VERSION)
+        config = VideoTokenizerConfig.from_dict(raw)
+        return cls(config, load_weights(VideoAutoencoder(config), state, path))
 
     @classmethod
     def pretrained(cls) -> VideoTokenizer:
         """The checkpoint shipped in :data:`WEIGHTS_DIR`."""
-        if not (WEIGHTS_DIR / "config.json").is_file():
-            raise CheckpointError(f"{WEIGHTS_DIR} holds no checkpoint; train one (see weights/README.md)")
-        return cls.load(WEIGHTS_DIR)
+        return cls.load(pretrained_folder(WEIGHTS_DIR, modality="video", hint="train one (see weights/README.md)"))
 
     @classmethod
     def debug(cls) -> VideoTokenizer:

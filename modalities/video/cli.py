@@ -19,10 +19,18 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
+
+from ...core.tokenizer_cli import (
+    add_codec_verbs,
+    decode_file,
+    encode_file,
+    load_tokenizer,
+    timed,
+    with_overrides,
+)
 
 __all__ = ["main", "build_parser"]
 
@@ -30,7 +38,7 @@ __all__ = ["main", "build_parser"]
 def _tokenizer(checkpoint: str | None):
     from . import VideoTokenizer
 
-    return VideoTokenizer.pretrained() if checkpoint is None else VideoTokenizer.load(checkpoint)
+    return load_tokenizer(VideoTokenizer, checkpoint)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -38,20 +46,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .train import HELD_OUT_BASE, ClipCorpus, TrainConfig, evaluate, train
 
     cfg = TrainConfig.debug() if args.preset == "debug" else TrainConfig.default()
-    overrides = {
-        k: v
-        for k, v in {
-            "steps": args.steps,
-            "batch_size": args.batch_size,
-            "train_clips": args.train_clips,
-            "sample_every": args.sample_every,
-            "lr": args.lr,
-            "foreground_weight": args.foreground_weight,
-            "seed": args.seed,
-        }.items()
-        if v is not None
-    }
-    cfg = replace(cfg, **overrides)
+    cfg = with_overrides(cfg, args, ("steps", "batch_size", "train_clips", "sample_every", "lr", "foreground_weight", "seed"))
     t = time.time()
     model, _ = train(cfg, args.out, resume=args.resume, progress=not args.quiet)
     seconds = time.time() - t
@@ -91,12 +86,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     corpus = ClipCorpus.build(range(HELD_OUT_BASE, HELD_OUT_BASE + args.clips), tok.config)
     report = evaluate(tok.model, corpus)
     clips = corpus.clips(slice(0, 8))
-    t = time.perf_counter()
-    codes = tok.model.encode_codes(clips)
-    enc = time.perf_counter() - t
-    t = time.perf_counter()
-    tok.model.decode_codes(codes)
-    dec = time.perf_counter() - t
+    codes, enc = timed(tok.model.encode_codes, clips)
+    _, dec = timed(tok.model.decode_codes, codes)
     report.update(
         encode_clips_per_s=round(len(clips) / enc, 2), decode_clips_per_s=round(len(clips) / dec, 2)
     )
@@ -106,28 +97,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_encode(args: argparse.Namespace) -> int:
     tok = _tokenizer(args.checkpoint)
-    ids = tok.encode(tok.read(args.input))
-    out = Path(args.out or Path(args.input).with_suffix(".ids.json"))
-    out.write_text(
-        json.dumps({"modality": "video", "fingerprint": tok.spec.fingerprint, "ids": ids.tolist()})
-    )
+    ids, out, _ = encode_file(tok, args.input, args.out)
     print(f"{args.input}: {ids.numel()} tokens (grid {'x'.join(map(str, tok.config.grid))}) -> {out}")
     return 0
 
 
 def cmd_decode(args: argparse.Namespace) -> int:
     tok = _tokenizer(args.checkpoint)
-    data = json.loads(Path(args.input).read_text())
-    if not isinstance(data, dict) or data.get("modality") != "video" or "ids" not in data:
-        raise ValueError(f"{args.input}: expected the JSON written by 'tessera tokenizer encode video'")
-    if data.get("fingerprint") not in (None, tok.spec.fingerprint):
-        raise ValueError(
-            f"{args.input} was encoded by a tokenizer with fingerprint {data['fingerprint'][:12]}…, this one is "
-            f"{tok.spec.fingerprint[:12]}…; decode with the checkpoint that encoded it"
-        )
-    clip = tok.decode(torch.tensor(data["ids"], dtype=torch.long))
-    out = args.out or str(Path(args.input).with_suffix("")) + ".decoded.gif"
-    tok.write(clip, out)
+    clip, _, out, _ = decode_file(tok, args.input, args.out, default_suffix=".gif")
     print(f"{args.input}: {clip.shape[0]} frames at {tok.config.fps:g} fps -> {out}")
     return 0
 
@@ -161,16 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--clips", type=int, default=64)
     e.add_argument("--threads", type=int, default=2)
     e.set_defaults(func=cmd_eval)
-    c = sub.add_parser("encode", help="GIF/MP4 file -> token ids (JSON)")
-    c.add_argument("input")
-    c.add_argument("--out")
-    c.add_argument("--checkpoint")
-    c.set_defaults(func=cmd_encode)
-    d = sub.add_parser("decode", help="token ids (JSON) -> GIF/MP4 file")
-    d.add_argument("input")
-    d.add_argument("--out", help="GIF or MP4 path (default: INPUT.decoded.gif)")
-    d.add_argument("--checkpoint")
-    d.set_defaults(func=cmd_decode)
+    add_codec_verbs(sub, media="GIF/MP4 file", encode=cmd_encode, decode=cmd_decode, decoded_suffix=".gif")
     return p
 
 

@@ -20,7 +20,6 @@ steps. Held-out clips come from seeds no training run uses (:data:`HELD_OUT_BASE
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -33,7 +32,14 @@ from torch import Tensor
 from ...core.checkpoint import load_tensors, save_tensors
 from ...core.metrics import psnr, save_image_grid
 from ...core.quantizers import code_stats
-from ...core.training import MetricsLog, load_training_state, save_training_state, seed_everything
+from ...core.training import (
+    MetricsLog,
+    check_at_least_one,
+    load_training_state,
+    save_training_state,
+    seed_everything,
+    warmup_cosine,
+)
 from ..world.visual import render_video, sample_video_scene
 from .model import VideoAutoencoder, VideoTokenizerConfig
 
@@ -63,9 +69,7 @@ class TrainConfig:
     ckpt_every: int = 50
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "train_clips", "log_every", "sample_every", "ckpt_every"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"TrainConfig.{name}={getattr(self, name)} must be >= 1")
+        check_at_least_one(self, ("steps", "batch_size", "train_clips", "log_every", "sample_every", "ckpt_every"))
         if self.foreground_weight < 0:
             raise ValueError(
                 f"TrainConfig.foreground_weight={self.foreground_weight} must be >= 0 (0: plain L1 + L2)"
@@ -195,13 +199,6 @@ def pixel_weights(clips: Tensor, foreground_weight: float) -> Tensor:
     return 1 + foreground_weight * foreground.float()
 
 
-def _lr_at(step: int, cfg: TrainConfig) -> float:
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
 def _write_samples(model: VideoAutoencoder, clips: Tensor, path: Path) -> None:
     """Originals above reconstructions, every frame in a column: rows (2·N, T)."""
     was_training = model.training
@@ -247,7 +244,7 @@ def train(
     with MetricsLog(out / "metrics.jsonl") as log:
         for step in range(start, cfg.steps):
             for group in opt.param_groups:
-                group["lr"] = _lr_at(step, cfg)
+                group["lr"] = cfg.lr * warmup_cosine(step, warmup=cfg.warmup, steps=cfg.steps, floor=0.05)
             clips = _batch(corpus, cfg, gen)
             recon, q = model(clips)
             w = pixel_weights(clips, cfg.foreground_weight)
