@@ -69,6 +69,17 @@ def test_decode_gives_the_media_shape(name: str) -> None:
     assert same_shape(plugin(name).decode(ids), media)
 
 
+def test_every_code_the_layout_allows_decodes(name: str) -> None:
+    """The grammar lets the LLM emit any code of a level's range, so the plugin must
+    decode all of them (a layout wider than the quantizer's real codebook fails here)."""
+    p = plugin(name)
+    layout = p.spec.layout
+    media, ids = sample(name)
+    meta, codes = layout.unflatten(ids)
+    for extreme in (torch.zeros_like(codes), torch.tensor(layout.levels) - 1 + torch.zeros_like(codes)):
+        assert same_shape(p.decode(layout.flatten(extreme, meta)), media)
+
+
 def test_encode_is_deterministic(name: str) -> None:
     media, ids = sample(name)
     assert torch.equal(plugin(name).encode(media), ids)

@@ -30,7 +30,7 @@ def test_registered_and_spec(tok: ImageTokenizer) -> None:
     spec = tok.spec
     assert spec.name == "image" and spec.media_kind == "image" and spec.layout.kind == "grid"
     assert [m.name for m in spec.layout.meta] == ["height", "width"]
-    assert spec.codebook_size == 2 * tok.config.max_grid + tok.config.codebook_size
+    assert spec.codebook_size == 2 * tok.config.max_grid + tok.model.quantizer.codebook_size
     assert spec.fingerprint == ImageTokenizer.debug().spec.fingerprint  # seeded weights
     assert ImageTokenizerConfig.builtin().grid == (16, 16)  # 256 code tokens for the built-in world
 
@@ -182,3 +182,14 @@ def test_short_training_learns_and_resumes(tmp_path: Path) -> None:
     assert (tmp_path / "run" / "samples" / f"recon_{tc.steps:06d}.png").is_file()
     back = ImageTokenizer.load(str(tmp_path / "run" / "final"))
     assert back.encode(back.example(0)).shape == (66,)
+
+
+def test_shipped_tokenizer_decodes_every_code_its_layout_allows() -> None:
+    """The layout must be exactly as wide as the quantizer's real codebook (FSQ 8x5x5x5
+    has 1000 codes, not 1024), or the LLM can generate codes nobody can decode."""
+    tok = ImageTokenizer.pretrained()
+    layout = tok.spec.layout
+    meta, codes = layout.unflatten(tok.encode(tok.example(0)))
+    assert layout.levels == (tok.model.quantizer.codebook_size,)
+    top = torch.full_like(codes, layout.levels[0] - 1)
+    assert tok.decode(layout.flatten(top, meta)).shape == tok.example(0).shape

@@ -93,7 +93,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "utilization": round(usage["utilization"], 4),
         "perplexity": round(usage["perplexity"], 1),
         "tokens_per_image": tokens / n,
-        "bits_per_pixel": round((tokens - 2 * n) * math.log2(c.codebook_size) / pixels, 4),
+        "bits_per_pixel": round((tokens - 2 * n) * math.log2(tok.model.quantizer.codebook_size) / pixels, 4),
         "encode_images_per_s": round(n / t_enc, 1),
         "decode_images_per_s": round(n / t_dec, 1),
         "fingerprint": tok.spec.fingerprint[:16],

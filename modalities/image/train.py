@@ -145,7 +145,7 @@ def evaluate(model: ImageAutoencoder, images: Tensor, *, batch_size: int = 64) -
         s.append(ssim(recon, x))
         codes.append(idx.reshape(-1))
     model.train(was_training)
-    stats = code_stats(torch.cat(codes), model.config.codebook_size)
+    stats = code_stats(torch.cat(codes), model.quantizer.codebook_size)
     return {
         "psnr": float(torch.cat(p).mean()),
         "ssim": float(torch.cat(s).mean()),
