@@ -16,7 +16,12 @@ from tessera.core.checkpoint import CheckpointError
 from tessera.core.registry import get_modality
 from tessera.core.spec import LayoutError
 from tessera.modalities.speech import SpeechTokenizer, cli
-from tessera.modalities.speech.baseline import MelGriffinLim, configs_at_bitrate
+from tessera.modalities.speech.baseline import (
+    MelGriffinLim,
+    MelGriffinLimConfig,
+    configs_at_bitrate,
+    select_config,
+)
 from tessera.modalities.speech.codec import CodecConfig
 from tessera.modalities.speech.train import SpokenCorpus, TrainConfig, si_snr, train
 
@@ -170,10 +175,24 @@ def test_griffin_lim_baseline_spends_the_same_bits() -> None:
     clip = tone(1.0)
     base = MelGriffinLim(configs[0]).fit([clip, tone(0.8, 0.2)])
     codes = base.encode(clip)
-    assert codes.shape == (configs[0].n_mels, 13)  # 12.5 frames/s, the last one padded
+    assert codes.shape == (configs[0].n_mels, math.ceil(configs[0].frame_rate))  # last frame padded
     assert 0 <= int(codes.min()) and int(codes.max()) < 2 ** configs[0].bits
     out = base.decode(codes, clip.numel())
     assert out.shape == clip.shape and float(out.abs().max()) > 0.01
+
+
+def test_baseline_split_search_scores_every_split_and_rejects_unreachable_bitrates() -> None:
+    fit, val = [tone(1.0), tone(0.8, 0.2)], [tone(0.6, 0.3)]
+    cfg, scores = select_config(400, fit, val, griffin_lim_iters=2)
+    assert cfg.bitrate == 400 and cfg.griffin_lim_iters == MelGriffinLimConfig().griffin_lim_iters
+    assert len(scores) == len(configs_at_bitrate(400))
+    assert min(s["val_mel_distance"] for s in scores) == next(
+        s["val_mel_distance"]
+        for s in scores
+        if (s["frame_rate"], s["n_mels"], s["bits"]) == (cfg.frame_rate, cfg.n_mels, cfg.bits)
+    )
+    with pytest.raises(ValueError, match="bitrate=10 bit/s has no split"):
+        select_config(10, fit, val)
 
 
 def test_si_snr_is_scale_invariant_and_ranks_noise() -> None:
