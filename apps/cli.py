@@ -35,7 +35,7 @@ EXAMPLES = """examples:
   tessera chat -m "Describe this image." --file red.png
   tessera bundle info
   tessera tokenize data/docs.jsonl --out shards/
-  tessera train --data shards/ --init-from pipelines/default_bundle/llm --out runs/ft --lora-r 8
+  tessera train --data shards/ --init-from pipelines/default_bundle --out runs/ft --lora-r 8
   tessera tokenizer train image --data builtin --out runs/image
   tessera export hf BUNDLE --out hf_model/
   tessera build-default --quick --out /tmp/bundle

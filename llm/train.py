@@ -25,7 +25,9 @@ checkpoint engine that loads them with ``weights_only=True``, allowing only the 
 DeepSpeed classes its optimizer states contain, so resuming never unpickles code.
 At the end, the consolidated model goes to ``OUT/model`` (``TesseraLM.save_pretrained``:
 safetensors + config.json + manifest hash); with LoRA, merged, and the adapters alone
-to ``OUT/adapter``.
+to ``OUT/adapter``. Fine-tuning a bundle (``init_from`` = a bundle folder; the shards must
+carry its manifest hash) also writes a copy of the bundle with the trained LLM to
+``OUT/bundle`` (or ``out_bundle``), ready for ``load_bundle`` and ``tessera generate``.
 """
 
 from __future__ import annotations
@@ -73,7 +75,8 @@ class TrainConfig:
     out_dir: str
     model: str = "debug"  # LLMConfig preset, used when neither model_config nor init_from is given
     model_config: dict[str, Any] | None = None  # a full LLMConfig dict
-    init_from: str | None = None  # a saved TesseraLM folder to continue from (fine-tuning)
+    init_from: str | None = None  # a saved TesseraLM folder or a bundle folder to continue from (fine-tuning)
+    out_bundle: str | None = None  # init_from a bundle: where its copy with the trained LLM goes (default OUT/bundle)
     vocab_size: int | None = None  # default: the shards' vocabulary size
     eval_data: str | None = None
     seq_len: int | None = None  # default: the model's max_seq_len
@@ -288,7 +291,23 @@ def _all_sum(x: Tensor) -> Tensor:
     return x
 
 
+def is_bundle(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a Tessera bundle folder (manifest.json and llm/), not a bare model folder."""
+    folder = Path(path)
+    return (folder / "manifest.json").is_file() and (folder / "llm").is_dir()
+
+
 def _build_model(config: TrainConfig, reader: TokenShardReader) -> tuple[TesseraLM, str]:
+    if config.init_from is not None and is_bundle(config.init_from):
+        from ..pipelines.bundle import read_vocab
+
+        manifest = read_vocab(config.init_from).manifest()
+        if manifest["hash"] != reader.manifest_hash:
+            raise ValueError(
+                f"{config.data} was tokenized with manifest {reader.manifest_hash}, but the bundle {config.init_from} "
+                f"has manifest {manifest['hash']}; its token ids would mean other things to this LLM. Re-tokenize "
+                f"with that bundle: `tessera tokenize DATA --bundle {config.init_from} --out NEW_SHARDS`")
+        return TesseraLM.from_pretrained(Path(config.init_from) / "llm", expected_manifest=manifest), manifest["hash"]
     if config.init_from is not None:
         model = TesseraLM.from_pretrained(config.init_from, expected_manifest_hash=reader.manifest_hash)
         return model, reader.manifest_hash
@@ -298,6 +317,35 @@ def _build_model(config: TrainConfig, reader: TokenShardReader) -> tuple[Tessera
                          f"set TrainConfig.vocab_size to the vocabulary's size")
     llm = LLMConfig.from_dict(config.model_config) if config.model_config else LLMConfig.preset(config.model, vocab)
     return TesseraLM(llm), reader.manifest_hash
+
+
+def _bundle_out(config: TrainConfig) -> Path | None:
+    """Where the fine-tuned bundle goes (None when not starting from a bundle); checked before training."""
+    if config.init_from is None or not is_bundle(config.init_from):
+        if config.out_bundle is not None:
+            raise ValueError(f"out_bundle={config.out_bundle!r} needs init_from to be a bundle folder (manifest.json "
+                             f"and llm/), but init_from={config.init_from!r}; start from a bundle or drop out_bundle")
+        return None
+    dest = Path(config.out_bundle) if config.out_bundle is not None else Path(config.out_dir) / "bundle"
+    if dest.resolve() == Path(config.init_from).resolve():
+        raise ValueError(f"out_bundle={str(dest)!r} is the bundle being fine-tuned; write the new bundle to "
+                         f"another folder so the original stays intact")
+    return dest
+
+
+def _write_bundle(source: Path, dest: Path, model: TesseraLM, manifest_hash: str) -> None:
+    """A copy of the bundle ``source`` (text model, tokenizers, settings) with ``model`` as its
+    LLM, stored in fp32; the manifest goes last, so a half-written bundle does not load."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for item in source.iterdir():
+        if item.name in ("llm", "manifest.json"):
+            continue
+        if item.is_dir():
+            shutil.copytree(item, dest / item.name, dirs_exist_ok=True)
+        else:
+            shutil.copy2(item, dest / item.name)
+    model.save_pretrained(dest / "llm", manifest_hash=manifest_hash, manifest=load_json(source / "manifest.json"))
+    shutil.copy2(source / "manifest.json", dest / "manifest.json")
 
 
 def _evaluate(engine: Any, config: TrainConfig, manifest_hash: str, seq_len: int) -> float:
@@ -355,6 +403,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     _check_batch(config, world)
     out = Path(config.out_dir)
     ckpt_dir = out / _CKPT
+    bundle_dir = _bundle_out(config)
     seed_everything(config.seed)
 
     # 1. data and model
@@ -480,11 +529,14 @@ def train(config: TrainConfig) -> dict[str, Any]:
         if config.lora is not None:
             merge_lora(final)
         final.save_pretrained(model_dir, manifest_hash=manifest_hash)
+        if bundle_dir is not None:
+            _write_bundle(Path(config.init_from), bundle_dir, final, manifest_hash)
         log.log(step, event="done", final_loss=loss_value, eval_loss=eval_loss)
         log.close()
     dist.barrier()
     return {"steps": step, "final_loss": loss_value, "eval_loss": eval_loss, "tokens": tokens,
-            "model_dir": str(model_dir), "metrics": str(metrics_path), "resumed_from": resumed_from,
+            "model_dir": str(model_dir), "bundle_dir": str(bundle_dir) if bundle_dir is not None else None,
+            "metrics": str(metrics_path), "resumed_from": resumed_from,
             "world_size": world, "zero_stage": zero_stage}
 
 
@@ -497,7 +549,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="TrainConfig JSON file")
     p.add_argument("--data", help="token-shard folder")
     p.add_argument("--out", dest="out_dir", help="output folder (checkpoints, metrics, model)")
-    p.add_argument("--init-from", dest="init_from", help="saved model folder to fine-tune")
+    p.add_argument("--init-from", dest="init_from", help="bundle folder or saved model folder to fine-tune")
+    p.add_argument("--out-bundle", dest="out_bundle",
+                   help="with a bundle in --init-from: the new bundle's folder (default: OUT/bundle)")
     p.add_argument("--model", help="LLM preset (debug, cpu-small, 150m, 400m, 1b)")
     p.add_argument("--eval-data", dest="eval_data")
     p.add_argument("--seq-len", dest="seq_len", type=int)
