@@ -62,6 +62,27 @@ def _fsq_levels(k: int) -> list[int]:
 
 
 def pairs() -> list[Pair]:
+    """The compared bottlenecks, configured to the same semantics on both sides.
+
+    Shared by every VQ pair: codes uniform in +-sqrt(6 / (K d)) (the reference's
+    kaiming-uniform over a (1, K, d) tensor), EMA decay ``DECAY``, Laplace eps 1e-5, every
+    code starting with the EMA weight of one token, commitment 0.25 on the codebook-space
+    input, no k-means, straight-through unless the name says rotation. Per pair:
+
+    * restart: a code is dead below an EMA usage of 1 token per batch and restarted on a
+      random input of the batch (ours gives it max(n / K, 2) tokens of usage, theirs 1).
+    * cosine low-dim: Linear(d, 8) in and out, unit-norm inputs and codes, EMA codebook.
+    * FSQ: the same levels (``FSQ.recommended_levels``), projections d -> len(levels) -> d.
+    * LFQ: log2 K bits, projections with bias, entropy weight 0.1 (tau 100, gamma 1),
+      commitment 0.25; ours computes the entropies exactly, theirs clamps log p at 1e-5.
+    * SimVQ: frozen basis N(0, 1/d), learned bias-free Linear(d, d), rotation trick,
+      codebook loss 1.0 and commitment 0.25, no EMA.
+    * residual VQ: 4 levels, quantizer dropout on every training step, one number of kept
+      levels per batch (ours defaults to one per batch element, as SoundStream; that
+      scored +0.9 dB PSNR but -1.7 points utilization over 3 seeds). Ours lets each level's
+      straight-through gradient reach the encoder; theirs only the first level's.
+    * grouped VQ: 2 groups of d/2 channels, a separate codebook each, no projection.
+    """
     import vector_quantize_pytorch as vqp
 
     def ref_vq(**kw):  # noqa: ANN202
@@ -108,7 +129,7 @@ def pairs() -> list[Pair]:
         Pair(
             "residual VQ (4, dropout)",
             lambda d, k: ResidualQuantizer(
-                d, 4, codebook_size=k, kind="vq", quantizer_dropout=1.0, decay=DECAY
+                d, 4, codebook_size=k, kind="vq", quantizer_dropout=1.0, dropout_per="batch", decay=DECAY
             ),
             lambda d, k: vqp.ResidualVQ(
                 dim=d,

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from tessera.core.quantizers import BSQ, FSQ, LFQ, GroupedQuantizer, ResidualQuantizer, VectorQuantizer
 
 CASES = {

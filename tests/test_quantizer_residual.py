@@ -94,6 +94,20 @@ def test_quantizer_dropout_keeps_prefixes() -> None:
     assert (rq(x).indices >= 0).all()  # no dropout in eval
 
 
+def test_quantizer_dropout_per_batch_keeps_one_prefix_for_the_whole_batch() -> None:
+    torch.manual_seed(0)
+    rq = ResidualQuantizer(8, 5, codebook_size=16, kind="vq", quantizer_dropout=1.0, dropout_per="batch")
+    rq.train()
+    x = torch.randn(16, 10, 8)
+    kept_per_batch = []
+    for _ in range(12):
+        kept = (rq(x).indices >= 0).sum(-1)  # (16, 10)
+        assert (kept == kept[0, 0]).all(), "every element of a batch keeps the same levels"
+        kept_per_batch.append(int(kept[0, 0]))
+    assert min(kept_per_batch) >= 1 and len(set(kept_per_batch)) >= 3  # but batches differ
+    assert ResidualQuantizer(8, 2, codebook_size=16, dropout_per="batch").config()["dropout_per"] == "batch"
+
+
 def test_masked_tokens_get_minus_one_at_every_level() -> None:
     rq = ResidualQuantizer(8, 3, codebook_size=16, kind="vq")
     x = torch.randn(4, 6, 8)
@@ -161,6 +175,8 @@ def test_bad_arguments_raise_value_errors() -> None:
         ResidualQuantizer(8, 2, codebook_size=16, kind="pq")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="quantizer_dropout is 1.5"):
         ResidualQuantizer(8, 2, codebook_size=16, quantizer_dropout=1.5)
+    with pytest.raises(ValueError, match="dropout_per is 'token'"):
+        ResidualQuantizer(8, 2, codebook_size=16, dropout_per="token")  # type: ignore[arg-type]
     rq = ResidualQuantizer(8, 2, codebook_size=16)
     with pytest.raises(ValueError, match=r"n_levels is 3, expected 1\.\.2"):
         rq(torch.randn(4, 8), n_levels=3)

@@ -107,6 +107,18 @@ def test_ema_moves_used_codes_to_cluster_means_and_leaves_unused_codes_alone() -
     assert torch.equal(vq.embed[2:], start[2:])
 
 
+def test_first_ema_update_moves_a_chosen_code_most_of_the_way_to_its_tokens() -> None:
+    # Regression: codes used to start with a prior of n / K tokens each (here 64), which
+    # kept a chosen code a third of the way back at its random start after this update.
+    vq = VectorQuantizer(2, 4, decay=0.5)
+    vq.embed.copy_(torch.tensor([[1.0, 1.0], [-1.0, 1.0], [0.0, -50.0], [50.0, -50.0]]))
+    vq.train()
+    vq(_two_cluster_batch())
+    target = torch.tensor([[5.0, 5.0], [-5.0, 5.0]])
+    assert (vq.embed[:2] - target).norm(dim=1).max() < 0.1  # prior 1 vs ~128 tokens: < 1% of the way back
+    torch.testing.assert_close(vq.cluster_size[2:], torch.full((2,), 0.5))  # one token, halved
+
+
 def test_decay_one_changes_nothing() -> None:
     vq = VectorQuantizer(2, 8, decay=1.0)
     before = vq.embed.clone()
@@ -114,7 +126,7 @@ def test_decay_one_changes_nothing() -> None:
     for _ in range(5):
         vq(_two_cluster_batch())
     torch.testing.assert_close(vq.embed, before, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(vq.cluster_size, torch.full((8,), 256 / 8))
+    torch.testing.assert_close(vq.cluster_size, torch.ones(8))
 
 
 # --- dead-code restart ---------------------------------------------------------------------
@@ -203,6 +215,25 @@ def test_kmeans_recovers_separated_blobs() -> None:
     assert match.values.max() < 0.05
     assert sorted(match.indices.tolist()) == list(range(6))
     assert counts.tolist() == [100.0] * 6
+
+
+def test_kmeans_pp_seeds_cover_many_blobs_once_each_in_few_rounds(monkeypatch) -> None:
+    # Regression: seeding drew one seed per step (K sequential steps: 53 s for K=1024
+    # under load); rounds add many seeds at once but must still put one in every blob.
+    import tessera.core.quantizers.kmeans as km
+
+    g = torch.Generator().manual_seed(0)
+    means = torch.randn(400, 8, generator=g) * 10
+    x = means.repeat_interleave(20, 0) + 0.05 * torch.randn(8000, 8, generator=g)
+    draws = []
+    real_draw = km.distributed.sample_rows_weighted
+    monkeypatch.setattr(
+        km.distributed, "sample_rows_weighted", lambda *a, **k: draws.append(1) or real_draw(*a, **k)
+    )
+    centroids, counts = kmeans(x, 400, iters=0, generator=torch.Generator().manual_seed(1))
+    assert len(draws) <= 60, f"{len(draws)} seeding rounds for 400 seeds"
+    assert torch.cdist(centroids, means).argmin(1).unique().numel() == 400  # one seed per blob
+    assert counts.tolist() == [20.0] * 400
 
 
 def test_kmeans_init_places_codes_on_the_blobs_and_ignores_padding() -> None:
@@ -412,3 +443,35 @@ def test_bad_inputs_raise_value_error_naming_value_and_fix() -> None:
         vq.decode(torch.tensor([0, 8]))
     with pytest.raises(ValueError, match="integer tensor"):
         vq.decode(torch.tensor([0.0]))
+
+
+# --- parity with vector-quantize-pytorch (the benchmark's reference) ------------------------
+
+
+def test_ema_vq_and_simvq_match_the_reference_step_for_step() -> None:
+    """Regression for two differences the benchmark exposed: EMA codes started with a prior
+    of n / K tokens instead of one, and SimVQ drew an unused codebook before its basis, so
+    one seed gave another codebook. Same seed and inputs must now give the same codes."""
+    vqp = pytest.importorskip("vector_quantize_pytorch")
+    xs = [torch.randn(4, 32, 8) * 0.3 for _ in range(4)]
+    torch.manual_seed(0)
+    ours = VectorQuantizer(8, 64, decay=0.9).train()
+    torch.manual_seed(0)
+    ref = vqp.VectorQuantize(
+        dim=8, codebook_size=64, decay=0.9, commitment_weight=0.25, rotation_trick=False
+    ).train()
+    for x in xs:
+        out = ours(x)
+        _, ref_indices, _ = ref(x)
+        assert torch.equal(out.indices, ref_indices)
+    torch.testing.assert_close(ours.embed, ref._codebook.embed[0], rtol=1e-5, atol=1e-6)
+
+    torch.manual_seed(1)
+    ours = VectorQuantizer(8, 64, simvq=True, ema=False, gradient="rotation")
+    torch.manual_seed(1)
+    ref = vqp.SimVQ(dim=8, codebook_size=64)
+    torch.testing.assert_close(ours.codebook(), ref.codebook)
+    out, (ref_q, ref_indices, ref_loss) = ours(xs[0]), ref(xs[0])
+    assert torch.equal(out.indices, ref_indices)
+    torch.testing.assert_close(out.quantized, ref_q, rtol=1e-4, atol=1e-5)  # theirs: the rotated input
+    torch.testing.assert_close(out.loss, ref_loss)

@@ -43,6 +43,8 @@ class ResidualQuantizer(Quantizer):
         levels: FSQ levels per channel (``kind="fsq"``).
         quantizer_dropout: training only: the probability that a batch element keeps a
             uniformly drawn number ``1..num_levels`` of levels instead of all of them.
+        dropout_per: ``"element"`` (default; SoundStream draws per example) or ``"batch"``
+            (one draw for the whole batch, as vector-quantize-pytorch's ``ResidualVQ``).
         **inner_kwargs: passed to every level's constructor.
     """
 
@@ -55,6 +57,7 @@ class ResidualQuantizer(Quantizer):
         kind: Literal["vq", "fsq"] = "vq",
         levels: Sequence[int] | None = None,
         quantizer_dropout: float = 0.0,
+        dropout_per: Literal["element", "batch"] = "element",
         **inner_kwargs: Any,
     ) -> None:
         super().__init__()
@@ -66,11 +69,17 @@ class ResidualQuantizer(Quantizer):
             raise ValueError(
                 f"ResidualQuantizer: quantizer_dropout is {quantizer_dropout}, expected a probability in [0, 1]"
             )
+        if dropout_per not in ("element", "batch"):
+            raise ValueError(
+                f"ResidualQuantizer: dropout_per is {dropout_per!r}; choose 'element' (a number of levels per "
+                f"batch element) or 'batch' (one for the whole batch)"
+            )
         self.dim = dim
         self.num_levels = num_levels
         self.num_codebooks = num_levels
         self.kind = kind
         self.quantizer_dropout = quantizer_dropout
+        self.dropout_per = dropout_per
         self.inner_kwargs = dict(inner_kwargs)
 
         if kind == "vq":
@@ -121,6 +130,7 @@ class ResidualQuantizer(Quantizer):
             "codebook_size": self.codebook_size,
             "kind": self.kind,
             "quantizer_dropout": self.quantizer_dropout,
+            "dropout_per": self.dropout_per,
             **self.inner_kwargs,
         }
         if self.kind == "fsq":
@@ -159,8 +169,8 @@ class ResidualQuantizer(Quantizer):
         z = self._to_levels(x)
         kept_levels = None
         if self.training and self.quantizer_dropout > 0:
-            # Per batch element: with probability p, keep only the first k ~ U{1..n} levels.
-            batch = x.shape[0]
+            # Per batch element (or batch): with probability p, keep only the first k ~ U{1..n} levels.
+            batch = x.shape[0] if self.dropout_per == "element" else 1
             k = torch.randint(1, n + 1, (batch,), device=x.device)
             drop = torch.rand(batch, device=x.device) < self.quantizer_dropout
             kept_levels = torch.where(drop, k, n).view(batch, *([1] * (x.ndim - 2)))
