@@ -80,9 +80,12 @@ def test_two_gloo_ranks_learn_the_codebook_of_one_process(tmp_path, monkeypatch)
     assert single["embed"].abs().max() < 100, "padding garbage reached the codebook"
 
     # fork (as DataLoader workers do): the children inherit the imported modules, which
-    # keeps this test fast; each child limits itself to one thread.
+    # keeps this test fast; each child limits itself to one thread. A parent that already
+    # holds a process group (an in-process DeepSpeed run earlier in the session) would hand
+    # it to forked children, so then start fresh interpreters instead.
+    method = "spawn" if dist.is_initialized() else "fork"
     mp.start_processes(
-        _worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, start_method="fork"
+        _worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, start_method=method
     )
     ranks = [load_tensors(tmp_path / f"rank{r}.safetensors") for r in range(2)]
     for name in ("embed", "embed_avg", "cluster_size"):
