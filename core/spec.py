@@ -149,7 +149,7 @@ class TokenLayout:
             )
         meta_values = dict(meta_values or {})
         meta_ids = []
-        for m, off in zip(self.meta, self.meta_offsets):
+        for m, off in zip(self.meta, self.meta_offsets, strict=True):
             if m.name not in meta_values:
                 raise LayoutError(f"meta value {m.name!r} missing; give meta_values={{{m.name!r}: ...}}")
             v = int(meta_values[m.name])
@@ -173,7 +173,7 @@ class TokenLayout:
         if ids.numel() < n_meta:
             raise LayoutError(f"span has {ids.numel()} tokens, fewer than the {n_meta} meta tokens")
         meta_values: dict[str, int] = {}
-        for i, (m, off) in enumerate(zip(self.meta, self.meta_offsets)):
+        for i, (m, off) in enumerate(zip(self.meta, self.meta_offsets, strict=True)):
             v = int(ids[i])
             if not off <= v < off + m.size:
                 raise LayoutError(
