@@ -67,7 +67,12 @@ def pairs() -> list[Pair]:
     Shared by every VQ pair: codes uniform in +-sqrt(6 / (K d)) (the reference's
     kaiming-uniform over a (1, K, d) tensor), EMA decay ``DECAY``, Laplace eps 1e-5, every
     code starting with the EMA weight of one token, commitment 0.25 on the codebook-space
-    input, no k-means, straight-through unless the name says rotation. Per pair:
+    input, no k-means, straight-through unless the name says rotation, and each library's
+    own default for dead codes: ours restarts them (threshold 0.1 x tokens per batch / K),
+    the reference's EMA shrinks a code no token chose towards the origin until it wins
+    inputs again (an implicit revival; ours never moves an unused code). Without either,
+    "VQ + rotation" over 1500 steps kept 71-81 % of the codes against the reference's 99 %.
+    Per pair:
 
     * restart: a code is dead below an EMA usage of 1 token per batch and restarted on a
       random input of the batch (ours gives it max(n / K, 2) tokens of usage, theirs 1).

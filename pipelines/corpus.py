@@ -50,6 +50,9 @@ class CorpusConfig:
     heldout: int = 1000  # scenes [0, heldout) are held out for evaluation
     cfg_dropout: float = 0.1  # text→media documents without their caption
     mix: dict[str, float] = field(default_factory=lambda: {"text-to-media": 0.4, "media-to-text": 0.4, "interleaved": 0.2})
+    # optional: how often each modality is drawn (default: in turn), and per-modality task mixes
+    modality_mix: dict[str, float] | None = None
+    task_mix: dict[str, dict[str, float]] = field(default_factory=dict)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -57,9 +60,14 @@ class CorpusConfig:
             raise ValueError(f"heldout={self.heldout}: hold out at least one scene (e.g. 1000)")
         if not 0.0 <= self.cfg_dropout < 1.0:
             raise ValueError(f"cfg_dropout={self.cfg_dropout} must be in [0, 1), e.g. 0.1")
-        unknown = sorted(set(self.mix) - set(TASKS))
-        if unknown or not self.mix or any(w < 0 for w in self.mix.values()) or sum(self.mix.values()) <= 0:
-            raise ValueError(f"mix={self.mix}: give non-negative weights for some of {TASKS}, not all zero")
+        for where, mix in [("mix", self.mix), *((f"task_mix[{m!r}]", v) for m, v in self.task_mix.items())]:
+            unknown = sorted(set(mix) - set(TASKS))
+            if unknown or not mix or any(w < 0 for w in mix.values()) or sum(mix.values()) <= 0:
+                raise ValueError(f"{where}={mix}: give non-negative weights for some of {TASKS}, not all zero")
+        if self.modality_mix is not None and (not self.modality_mix or any(w < 0 for w in self.modality_mix.values())
+                                              or sum(self.modality_mix.values()) <= 0):
+            raise ValueError(f"modality_mix={self.modality_mix}: give non-negative weights per modality, not all zero "
+                             f"(or None to take the modalities in turn)")
 
     @classmethod
     def debug(cls) -> CorpusConfig:
@@ -145,12 +153,22 @@ def documents(plugins: dict[str, ModalityPlugin], *, n: int, split: str = "train
     if not names:
         raise ValueError(f"no built-in source for any of the modalities {list(plugins)}; the corpus has sources for "
                          f"{sorted(sources)} (pass sources={{name: fn(plugin, seed) -> (media, caption)}})")
-    tasks, weights = zip(*config.mix.items(), strict=True)
+    if config.modality_mix is not None:
+        missing = sorted(set(names) - set(config.modality_mix))
+        if missing:
+            raise ValueError(f"modality_mix={config.modality_mix} has no weight for {missing}; give every modality "
+                             f"of the corpus a weight (0 leaves it out)")
+    drawn = {m: 0 for m in names}  # scenes used so far per modality: each document gets the next scene
     for i in range(n):
         rng = random.Random(f"tessera-corpus-{config.seed}-{split}-{i}")
-        name = names[i % len(names)]
-        seed = scene_seed(split, i // len(names), config)
+        if config.modality_mix is None:
+            name = names[i % len(names)]
+        else:
+            name = rng.choices(names, [config.modality_mix[m] for m in names])[0]
+        seed = scene_seed(split, drawn[name], config)
+        drawn[name] += 1
         media, caption = sources[name](plugins[name], seed)
+        tasks, weights = zip(*config.task_mix.get(name, config.mix).items(), strict=True)
         task = rng.choices(tasks, weights)[0]
         extra = None
         spoken = [m for m in names if plugins[m].media_kind == "audio" and m != name]

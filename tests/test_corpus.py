@@ -62,6 +62,24 @@ def test_heldout_scenes_are_never_in_training(bundle: Bundle) -> None:
         scene_seed("heldout", 16, config)
 
 
+def test_modality_and_per_modality_task_mixes(bundle: Bundle) -> None:
+    config = CorpusConfig(heldout=16, modality_mix={"double_grid": 3.0, "double_variable": 1.0},
+                          task_mix={"double_variable": {"media-to-text": 1.0}})
+    docs = list(documents(bundle.tokenizers, n=200, config=config, sources=_sources()))
+    kinds = [next(s.modality for s in d.segments if isinstance(s, MediaSegment)) for d in docs]
+    assert 120 <= kinds.count("double_grid") <= 180  # 3:1
+    sound = [d for d, k in zip(docs, kinds, strict=True) if k == "double_variable"]
+    assert all(d.segments[-1].role == "assistant" and isinstance(d.segments[-1], TextSegment) for d in sound)
+    # every document of a modality gets the next scene: no scene is drawn twice
+    scenes = [t for d in docs for t in _texts(d) if "scene" in t]
+    assert len(scenes) == len(set(scenes))
+    with pytest.raises(ValueError, match="no weight for \\['double_variable'\\]"):
+        next(documents(bundle.tokenizers, n=1, config=CorpusConfig(modality_mix={"double_grid": 1.0}),
+                       sources=_sources()))
+    with pytest.raises(ValueError, match="task_mix\\['double_grid'\\]"):
+        CorpusConfig(task_mix={"double_grid": {"captioning": 1.0}})
+
+
 def test_guidance_dropout_leaves_out_some_captions(bundle: Bundle) -> None:
     config = CorpusConfig(heldout=16, cfg_dropout=0.5, mix={"text-to-media": 1.0})
     prompts = [_texts(d)[0] for d in documents(bundle.tokenizers, n=60, config=config, sources=_sources())]

@@ -5,6 +5,7 @@ dead-code restarts, masks, SimVQ, projections, dtypes, eval purity and error mes
 from __future__ import annotations
 
 import copy
+import dataclasses
 import inspect
 import json
 
@@ -97,7 +98,7 @@ def _two_cluster_batch(n: int = 256) -> torch.Tensor:
 
 
 def test_ema_moves_used_codes_to_cluster_means_and_leaves_unused_codes_alone() -> None:
-    vq = VectorQuantizer(2, 4, decay=0.8)
+    vq = VectorQuantizer(2, 4, decay=0.8, restart_dead=False)
     start = torch.tensor([[4.0, 4.0], [-4.0, 4.0], [0.0, -50.0], [50.0, -50.0]])
     vq.embed.copy_(start)
     vq.train()
@@ -110,7 +111,7 @@ def test_ema_moves_used_codes_to_cluster_means_and_leaves_unused_codes_alone() -
 def test_first_ema_update_moves_a_chosen_code_most_of_the_way_to_its_tokens() -> None:
     # Regression: codes used to start with a prior of n / K tokens each (here 64), which
     # kept a chosen code a third of the way back at its random start after this update.
-    vq = VectorQuantizer(2, 4, decay=0.5)
+    vq = VectorQuantizer(2, 4, decay=0.5, restart_dead=False)
     vq.embed.copy_(torch.tensor([[1.0, 1.0], [-1.0, 1.0], [0.0, -50.0], [50.0, -50.0]]))
     vq.train()
     vq(_two_cluster_batch())
@@ -120,7 +121,7 @@ def test_first_ema_update_moves_a_chosen_code_most_of_the_way_to_its_tokens() ->
 
 
 def test_decay_one_changes_nothing() -> None:
-    vq = VectorQuantizer(2, 8, decay=1.0)
+    vq = VectorQuantizer(2, 8, decay=1.0, restart_dead=False)
     before = vq.embed.clone()
     vq.train()
     for _ in range(5):
@@ -405,9 +406,18 @@ def test_config_round_trips_through_json_and_matches_the_constructor_defaults() 
     vq = VectorQuantizer.from_config(cfg)
     assert vq.config == cfg and vq.codebook_size == 16
     ctor = inspect.signature(VectorQuantizer.__init__).parameters
-    for name, value in VQConfig(dim=1, codebook_size=2).to_dict().items():
-        if name not in ("dim", "codebook_size"):
-            assert ctor[name].default == value, name
+    for f in dataclasses.fields(VQConfig):
+        if f.name not in ("dim", "codebook_size"):
+            assert ctor[f.name].default == f.default, f.name
+
+
+def test_dead_code_restart_is_on_by_default_except_for_simvq() -> None:
+    assert VectorQuantizer(4, 16).config.restart_dead is True
+    assert VectorQuantizer(4, 16, ema=False).config.restart_dead is True
+    assert VectorQuantizer(4, 16, restart_dead=False).config.restart_dead is False
+    assert VectorQuantizer(4, 16, simvq=True, ema=False).config.restart_dead is False
+    # the resolved value is what a saved config holds
+    assert VQConfig.from_dict(VectorQuantizer(4, 16).config.to_dict()).restart_dead is True
     with pytest.raises(ValueError, match="unknown keys \\['codebok_size'\\]"):
         VQConfig.from_dict({"dim": 4, "codebok_size": 8})
 

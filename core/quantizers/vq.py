@@ -12,8 +12,11 @@
   learned linear map ``W``, so every step updates the whole codebook; ``decode`` uses the
   mapped codes.
 * **k-means initialisation** on the first training batch (k-means++ seeds + Lloyd).
-* **Dead-code restart**: a code whose EMA usage falls below a threshold is replaced by a
-  random (unmasked) input of the current batch. The default threshold scales with the
+* **Dead-code restart** (on by default, except for SimVQ): a code whose EMA usage falls
+  below a threshold is replaced by a random (unmasked) input of the current batch. The EMA
+  update never moves a code no token chose (the reference library's Laplace-smoothed EMA
+  slowly shrinks such codes to the origin, an implicit revival); the restart is the
+  explicit mechanism that brings them back. The default threshold scales with the
   tokens per batch divided by the codebook size (a fixed threshold marks every code dead
   when the codebook is much larger than the batch, and restarts churn forever).
 * **Gradients**: straight-through, or the **rotation trick** (Fifty et al. 2024,
@@ -63,8 +66,10 @@ _DEFAULT_RESTART_FRACTION = 0.1
 class VQConfig:
     """Everything that defines a :class:`VectorQuantizer` (JSON-serialisable).
 
-    ``restart_threshold`` is in tokens per batch (the EMA of how many tokens of a global
-    batch chose the code); ``None`` means ``0.1 * tokens_per_batch / codebook_size``.
+    ``restart_dead=None`` (the default) restarts dead codes unless ``simvq`` (whose codebook
+    is a learned map of a frozen basis). ``restart_threshold`` is in tokens per batch (the EMA
+    of how many tokens of a global batch chose the code); ``None`` means
+    ``0.1 * tokens_per_batch / codebook_size``.
     ``codebook_weight`` only applies to a gradient codebook (``ema=False`` or ``simvq``).
     """
 
@@ -77,7 +82,7 @@ class VQConfig:
     eps: float = 1e-5
     kmeans_init: bool = False
     kmeans_iters: int = 10
-    restart_dead: bool = False
+    restart_dead: bool | None = None
     restart_threshold: float | None = None
     gradient: Gradient = "ste"
     simvq: bool = False
@@ -87,6 +92,8 @@ class VQConfig:
 
     def __post_init__(self) -> None:
         who = "VectorQuantizer"
+        if self.restart_dead is None:  # the EMA alone never moves an unused code: restart it instead
+            self.restart_dead = not self.simvq
         for name in ("dim", "codebook_size", "kmeans_iters"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool):
@@ -197,7 +204,7 @@ class VectorQuantizer(Quantizer):
         eps: float = 1e-5,
         kmeans_init: bool = False,
         kmeans_iters: int = 10,
-        restart_dead: bool = False,
+        restart_dead: bool | None = None,
         restart_threshold: float | None = None,
         gradient: Gradient = "ste",
         simvq: bool = False,
@@ -231,7 +238,7 @@ class VectorQuantizer(Quantizer):
         self.codebook_dim = cd = codebook_dim or dim
         self.cosine = distance == "cosine"
         self.learnable_codebook = simvq or not ema
-        self.tracks_usage = ema or restart_dead
+        self.tracks_usage = ema or cfg.restart_dead
 
         self.project_in = nn.Linear(dim, cd) if cd != dim else None
         self.project_out = nn.Linear(cd, dim) if cd != dim else None
