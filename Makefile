@@ -5,7 +5,7 @@ PYTHON ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test env browser lint bench-quick clean-env
+.PHONY: demo quickstart test env browser lint bench-quick clean-env
 
 $(VENV)/.installed: pyproject.toml examples/plugin-template/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,7 +16,12 @@ $(VENV)/.installed: pyproject.toml examples/plugin-template/pyproject.toml
 
 env: $(VENV)/.installed
 
+# the Gradio demo on the committed default bundle (http://127.0.0.1:7860)
 demo: $(VENV)/.installed
+	$(PY) -m tessera.apps.cli demo
+
+# trains a small image tokenizer for a few minutes and writes a reconstruction grid
+quickstart: $(VENV)/.installed
 	$(PY) -m tessera.apps.quickstart --out out/quickstart
 
 # Headless Chromium for tests/test_browser.py: installed when missing, where we may (as root, as in CI).
