@@ -78,6 +78,18 @@ def test_modality_and_per_modality_task_mixes(bundle: Bundle) -> None:
                        sources=_sources()))
     with pytest.raises(ValueError, match="task_mix\\['double_grid'\\]"):
         CorpusConfig(task_mix={"double_grid": {"captioning": 1.0}})
+    with pytest.raises(ValueError, match="modality_mix=.*non-negative"):
+        CorpusConfig(modality_mix={"double_grid": -1.0})
+
+
+def test_build_config_checks_its_corpus_mix_up_front() -> None:
+    from tessera.pipelines.build_default import BuildConfig
+
+    assert BuildConfig().corpus_config().modality_mix == {"image": 0.5, "video": 0.1, "speech": 0.4}
+    with pytest.raises(ValueError, match="no weight for \\['video'\\]"):
+        BuildConfig(modality_mix={"image": 1.0, "speech": 1.0})
+    with pytest.raises(ValueError, match="task_mix\\['speech'\\]"):
+        BuildConfig(task_mix={"speech": {}})
 
 
 def test_guidance_dropout_leaves_out_some_captions(bundle: Bundle) -> None:
