@@ -146,6 +146,26 @@ def run_image(quick: bool, *, checkpoint: str | None = None, out: str = "runs/be
             "ood_psnr_gain_db": round(sum(ood.values()) / len(ood) - sum(peer_ood.values()) / len(peer_ood), 2),
         },
     ]
+    checks = {
+        "psnr >= 32 dB": ours["psnr"] >= 32.0,
+        "utilization >= 95%": ours["utilization"] >= 0.95,
+        "tokens <= 256 codes": tokens - 2 <= 256,  # 2 meta tokens (grid height, width) + the codes
+    }
+    if train_seconds is not None and not quick:
+        checks["trained from scratch in <= 15 min"] = train_seconds <= 900
+    rows.append({"section": "image", "name": "checks (issue 5 targets)", **checks})
+    print(f"{'image tokenizer':<44}{'tessera':>10}{'peer':>10}{'ratio':>10}")
+    for label, key in (("PSNR built-in world (dB)", "psnr"), ("PSNR photos, out of domain (dB)", "ood_psnr")):
+        a, b = rows[0][key], rows[1][key]
+        print(f"{label:<44}{a:10.2f}{b:10.2f}{10 ** ((b - a) / 10):9.3f}x  (our MSE / peer MSE)")
+    print(f"{'SSIM':<44}{rows[0]['ssim']:10.4f}{rows[1]['ssim']:10.4f}")
+    print(f"{'codebook utilization':<44}{rows[0]['utilization']:10.3f}")
+    print(f"{'tokens per image':<44}{tokens:10d}{tokens:10d}")
+    print(f"{'encode / decode images/s':<44}{rows[0]['encode_items_per_s']:>5.0f} / {rows[0]['decode_items_per_s']:<5.0f}")
+    if train_seconds is not None:
+        print(f"{'training seconds':<44}{train_seconds:10.0f}")
+    for name, ok in checks.items():
+        print(f"  [{'ok' if ok else 'MISS'}] {name}")
     return rows
 
 

@@ -16,7 +16,7 @@ from tessera.core.spec import LayoutError
 from tessera.core.training import MetricsLog
 from tessera.modalities.image import ImageTokenizer
 from tessera.modalities.image.io import ImageFileError, fit_image, load_image
-from tessera.modalities.image.model import ImageTokenizerConfig
+from tessera.modalities.image.model import ImageAutoencoder, ImageTokenizerConfig
 from tessera.modalities.image.train import TrainConfig, psnr, ssim, train
 
 
@@ -184,9 +184,27 @@ def test_short_training_learns_and_resumes(tmp_path: Path) -> None:
     assert back.encode(back.example(0)).shape == (66,)
 
 
+def test_default_config_is_the_measured_vq_and_other_quantizers_get_their_own_options() -> None:
+    c = ImageTokenizerConfig()
+    assert c.quantizer == "vq" and c.quantizer_options == {"kmeans_init": True, "gradient": "rotation"}
+    assert ImageTokenizerConfig.from_dict(c.to_dict()) == c  # options are written out, not implied
+    fsq = ImageTokenizerConfig(quantizer="fsq", latent_dim=4, codebook_size=1024)
+    assert fsq.quantizer_options == {}
+    ImageAutoencoder(fsq)  # builds: no VQ options leak into FSQ
+
+
+def test_shipped_tokenizer_reconstructs_held_out_scenes() -> None:
+    """The shipped checkpoint measured 32 dB on 256 held-out scenes; 32 of them must stay
+    above 31 dB (a floor that catches a wrong or stale checkpoint, not noise)."""
+    from tessera.modalities.image.train import EVAL_SEED, builtin_images, evaluate
+
+    tok = ImageTokenizer.pretrained()
+    assert evaluate(tok.model, builtin_images(32, start=EVAL_SEED))["psnr"] > 31.0
+
+
 def test_shipped_tokenizer_decodes_every_code_its_layout_allows() -> None:
-    """The layout must be exactly as wide as the quantizer's real codebook (FSQ 8x5x5x5
-    has 1000 codes, not 1024), or the LLM can generate codes nobody can decode."""
+    """The layout must be exactly as wide as the quantizer's real codebook (an FSQ of
+    8x5x5x5 has 1000 codes, not 1024), or the LLM can generate codes nobody can decode."""
     tok = ImageTokenizer.pretrained()
     layout = tok.spec.layout
     meta, codes = layout.unflatten(tok.encode(tok.example(0)))

@@ -61,7 +61,7 @@ class ImageTokenizer:
         g = self.config.max_grid
         return TokenLayout(
             kind="grid",
-            levels=(self.model.quantizer.codebook_size,),  # FSQ (8,5,5,5) has 1000 codes, not 1024
+            levels=(self.model.quantizer.codebook_size,),  # the quantizer's own count (FSQ (8,5,5,5) has 1000)
             meta=(MetaField(name="height", low=1, high=g), MetaField(name="width", low=1, high=g)),
         )
 

@@ -44,8 +44,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     model_config = ImageTokenizerConfig.from_dict(
         {
             **base.to_dict(),
-            **({"quantizer": args.quantizer} if args.quantizer else {}),
-            **({"codebook_size": args.codebook_size, "quantizer_options": {}} if args.codebook_size else {}),
+            # another quantizer brings its own default options and latent size
+            **({"quantizer": args.quantizer, "quantizer_options": None,
+                "latent_dim": {"fsq": 4, "vq": 8}[args.quantizer]}
+               if args.quantizer and args.quantizer != base.quantizer else {}),
+            **({"codebook_size": args.codebook_size, "quantizer_options": None} if args.codebook_size else {}),
             **({"image_size": [args.image_size, args.image_size]} if args.image_size else {}),
         }
     )

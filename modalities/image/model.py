@@ -12,7 +12,8 @@ Shapes, for the default 64×64 built-in world configuration (``factor=4``, ``pat
       -> conv, ResBlocks (stride-2 conv between  (B, 96, 16, 16)     one level per ``channels``
          levels when ``patch < factor``)
       -> GroupNorm, SiLU, 1×1 conv               (B, latent_dim, 16, 16)
-      -> quantizer (channel-last)                indices (B, 16, 16)
+      -> quantizer (channel-last; default VQ,   indices (B, 16, 16)
+         1024 codes of dim 8, see VQ_DEFAULTS)
       -> decoder (mirror; nearest upsampling;    (B, 3, 64, 64)
          pixel-shuffle at the end)
 
@@ -24,7 +25,7 @@ classic all-convolutional VQGAN stem and ``patch=2, channels=(64, 128)`` a middl
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 import torch
@@ -34,6 +35,7 @@ from tessera.core.quantizers.vq import VectorQuantizer
 from torch import Tensor, nn
 
 __all__ = [
+    "VQ_DEFAULTS",
     "ImageTokenizerConfig",
     "ImageAutoencoder",
     "PatchDiscriminator",
@@ -42,6 +44,14 @@ __all__ = [
 ]
 
 QuantizerKind = Literal["fsq", "vq"]
+
+# The default bottleneck, picked by measurement (1000 steps each, same network and data,
+# held-out PSNR / codebook utilization): FSQ (8,5,5,5) 27.9 dB / 52 %; VQ (8-dim, 1024
+# codes, k-means init, EMA, dead-code restart) 27.9 dB / 96 %; the same VQ with the
+# rotation trick 28.1 dB / 92 %, and 32.2 dB / 98 % after the full 15-minute recipe. The
+# built-in world is mostly flat colour, so FSQ's fixed grid leaves half its codes unused,
+# while VQ's restarts move idle codes to where the encoder's outputs are.
+VQ_DEFAULTS: dict[str, Any] = {"kmeans_init": True, "gradient": "rotation"}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -52,7 +62,8 @@ class ImageTokenizerConfig:
     one stride-2 convolution between consecutive ``channels`` levels, so
     ``factor == patch * 2 ** (len(channels) - 1)``. ``quantizer`` is ``"fsq"`` (levels from
     ``quantizer_options["levels"]`` or the FSQ paper's table for ``codebook_size``) or
-    ``"vq"`` (:class:`~tessera.core.quantizers.vq.VectorQuantizer`, options passed through).
+    ``"vq"`` (:class:`~tessera.core.quantizers.vq.VectorQuantizer`, options passed through;
+    ``quantizer_options=None`` means :data:`VQ_DEFAULTS` for VQ and none for FSQ).
     ``image_size`` (height, width) is the size of built-in examples and of ``read``'s
     resizing; ``max_grid`` bounds the token grid's sides (the meta tokens' range).
     """
@@ -62,15 +73,17 @@ class ImageTokenizerConfig:
     patch: int = 4
     channels: tuple[int, ...] = (96,)
     blocks: int = 2
-    latent_dim: int = 4
-    quantizer: QuantizerKind = "fsq"
+    latent_dim: int = 8
+    quantizer: QuantizerKind = "vq"
     codebook_size: int = 1024
-    quantizer_options: dict[str, Any] = field(default_factory=dict)
+    quantizer_options: dict[str, Any] | None = None
     max_grid: int = 64
     groups: int = 8
 
     def __post_init__(self) -> None:
         who = "ImageTokenizerConfig"
+        if self.quantizer_options is None:
+            object.__setattr__(self, "quantizer_options", dict(VQ_DEFAULTS) if self.quantizer == "vq" else {})
         if self.factor not in (4, 8, 16):
             raise ValueError(f"{who}: factor={self.factor}; the image tokenizer downsamples by 4, 8 or 16")
         if self.patch not in (1, 2, 4) or self.patch > self.factor:
@@ -130,12 +143,12 @@ class ImageTokenizerConfig:
         """Tiny, for tests and smoke runs: 32×32 images, 64 codes, ~20k parameters."""
         return cls(
             image_size=(32, 32), patch=2, channels=(16, 16), blocks=1, codebook_size=64,
-            quantizer_options={"levels": [4, 4, 4]}, latent_dim=3, groups=4,
+            quantizer="fsq", quantizer_options={"levels": [4, 4, 4]}, latent_dim=3, groups=4,
         )
 
     @classmethod
     def builtin(cls) -> ImageTokenizerConfig:
-        """The shipped built-in world tokenizer: 64×64 → 16×16 tokens of 1024 FSQ codes."""
+        """The shipped built-in world tokenizer: 64×64 → 16×16 tokens of 1024 VQ codes."""
         return cls()
 
 
