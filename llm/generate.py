@@ -213,8 +213,7 @@ def stream(model: TesseraLM, prompts: Sequence[Tensor], *, max_new_tokens: int,
     if L + max_new_tokens > model.config.max_seq_len:
         raise ValueError(f"prompt of {L} tokens + max_new_tokens={max_new_tokens} exceeds the model's "
                          f"max_seq_len {model.config.max_seq_len}; shorten one of them")
-    head_t = model.lm_head.weight.detach().t().contiguous() if device.type == "cpu" else None
-    cache = KVCache(model.config, R, L + max_new_tokens, device=device, dtype=param.dtype, head_t=head_t)
+    cache = KVCache(model.config, R, L + max_new_tokens, device=device, dtype=param.dtype)
     arange = torch.arange(L, device=device)
     cache.key_valid[:, :L] = arange >= n_pad[:, None]
     cache.padded = bool(n_pad.any())

@@ -178,3 +178,35 @@ def test_loading_with_another_vocabulary_says_what_differs(tmp_path) -> None:
         TesseraLM.from_pretrained(tmp_path, expected_manifest=in_use.manifest())
     with pytest.raises(ValueError, match="pass the manifest"):
         model.save_pretrained(tmp_path, manifest_hash="x" * 64, manifest=trained.manifest())
+
+
+def test_decode_copies_match_f_linear_and_follow_weight_updates() -> None:
+    """CPU decoding multiplies by a cached transposed weight: same numbers as F.linear,
+    remade when the weight is written in place or replaced, never saved."""
+    model = debug_model()
+    ids = torch.randint(0, 128, (2, 1))
+    with torch.no_grad():
+        reference = model(ids)  # F.linear everywhere (not inference mode)
+    with torch.inference_mode():
+        fast = model(ids)
+    torch.testing.assert_close(fast, reference)
+    head = model.layers[0].mlp.gate_up
+    assert "_weight_t" in head.__dict__ and all("_weight_t" not in k for k in model.state_dict())
+
+    with torch.no_grad():
+        head.weight.mul_(2.0)  # in place, as an optimizer step does
+        reference = model(ids)
+    with torch.inference_mode():
+        torch.testing.assert_close(model(ids), reference)
+    model.resize_vocab(140)  # the tied head/embedding becomes another tensor
+    with torch.no_grad():
+        reference = model(ids)
+    with torch.inference_mode():
+        fast = model(ids)
+    assert fast.shape[-1] == 140
+    torch.testing.assert_close(fast, reference)
+    model.drop_decode_copies()
+    assert "_weight_t" not in head.__dict__
+    with torch.inference_mode():  # many rows: F.linear, no copy made
+        model(torch.randint(0, 128, (4, 8)))
+    assert "_weight_t" not in head.__dict__
