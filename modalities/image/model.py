@@ -48,9 +48,10 @@ QuantizerKind = Literal["fsq", "vq"]
 # The default bottleneck, picked by measurement (1000 steps each, same network and data,
 # held-out PSNR / codebook utilization): FSQ (8,5,5,5) 27.9 dB / 52 %; VQ (8-dim, 1024
 # codes, k-means init, EMA, dead-code restart) 27.9 dB / 96 %; the same VQ with the
-# rotation trick 28.1 dB / 92 %, and 32.2 dB / 98 % after the full 15-minute recipe. The
-# built-in world is mostly flat colour, so FSQ's fixed grid leaves half its codes unused,
-# while VQ's restarts move idle codes to where the encoder's outputs are.
+# rotation trick 28.1 dB / 92 %, and 32.0 dB / 99.7 % after the full recipe (591 s on 2
+# cores, the shipped weights; see weights/README.md). The built-in world is mostly flat
+# colour, so FSQ's fixed grid leaves half its codes unused, while VQ's restarts move idle
+# codes to where the encoder's outputs are.
 VQ_DEFAULTS: dict[str, Any] = {"kmeans_init": True, "gradient": "rotation"}
 
 
