@@ -121,15 +121,16 @@ def train_step_fn(model: torch.nn.Module, ids: torch.Tensor, bf16: bool, hf: boo
 
 @torch.inference_mode()
 def near_tie(ours: TesseraLM, theirs: torch.nn.Module, prompt: torch.Tensor, ours_tokens: torch.Tensor,
-             hf_tokens: torch.Tensor) -> str:
+             hf_tokens: torch.Tensor, eos_id: int) -> str:
     """Where greedy outputs differ: HF's top-2 logit margin at the first differing step.
     A margin far below the float error of a different kernel order is a tie, not a bug."""
     row = int((ours_tokens != hf_tokens).any(1).nonzero()[0])
     step = int((ours_tokens[row] != hf_tokens[row]).nonzero()[0])
     context = torch.cat([prompt[row], hf_tokens[row, :step]])[None]
-    top2 = theirs(context).logits[0, -1].float().topk(2).values
-    ours_logits = ours(context)[0, -1].float()
-    gap = float((ours_logits - theirs(context).logits[0, -1].float()).abs().max())
+    hf_logits, ours_logits = theirs(context).logits[0, -1].float(), ours(context)[0, -1].float()
+    gap = float((ours_logits - hf_logits).abs().max())
+    hf_logits[eos_id] = float("-inf")  # HF runs with min_new_tokens, which bans <eos>
+    top2 = hf_logits.topk(2).values
     return (f"tokens differ from step {step}: HF's top-2 margin there {float(top2[0] - top2[1]):.1e}, "
             f"max logit difference {gap:.1e}")
 
@@ -214,7 +215,7 @@ def main(argv: list[str] | None = None) -> dict:
 
         ours_tokens, hf_tokens = run_ours(), run_hf()
         same = torch.equal(ours_tokens, hf_tokens)
-        note = "" if same else f" ({near_tie(ours, theirs, prompt, ours_tokens, hf_tokens)})"
+        note = "" if same else f" ({near_tie(ours, theirs, prompt, ours_tokens, hf_tokens, vocab.eos_id)})"
         secs = interleaved({"ours": run_ours, "hf": run_hf}, s.repeats)
         tps = {k: batch * n / v for k, v in secs.items()}
         results[f"generate_b{batch}"] = {"tokens_per_s": tps, "same_tokens": same, "note": note.strip(" ()")}

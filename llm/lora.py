@@ -83,6 +83,8 @@ def merge_lora(model: nn.Module) -> nn.Module:
             setattr(model.get_submodule(parent_name) if parent_name else model, child, module.get_base_layer())
     for p in model.parameters():
         p.requires_grad_(True)
+    if hasattr(model, "drop_decode_copies"):  # merge() wrote through weight.data: no version bump
+        model.drop_decode_copies()
     return model
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import os
+import weakref
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -54,7 +55,7 @@ class Linear(nn.Linear):
     FEW_ROWS = 16
 
     def forward(self, x: Tensor) -> Tensor:
-        if (x.device.type == "cpu" and torch.is_inference_mode_enabled()
+        if (x.device.type == "cpu" and torch.is_inference_mode_enabled() and not self.weight.is_inference()
                 and x.numel() <= self.FEW_ROWS * x.shape[-1]):
             y = x @ self._transposed()
             return y if self.bias is None else y + self.bias
@@ -62,12 +63,26 @@ class Linear(nn.Linear):
 
     def _transposed(self) -> Tensor:
         w = self.weight
-        key = (w.data_ptr(), w._version, w.dtype)
-        cached = self.__dict__.get("_weight_t")
-        if cached is None or cached[0] != key:
-            cached = (key, w.detach().t().contiguous())
-            self.__dict__["_weight_t"] = cached  # a plain attribute: never in state_dict
-        return cached[1]
+        key = (w.data_ptr(), w._version, w.dtype, tuple(w.shape))
+        cached = self.__dict__.get("_weight_t")  # (weight, key, copy): a plain attribute, never saved
+        if cached is None or cached[0]() is not w or cached[1] != key:
+            cached = (weakref.ref(w), key, w.detach().t().contiguous())
+            self.__dict__["_weight_t"] = cached
+        return cached[2]
+
+    def drop_copy(self) -> None:
+        """Forget the transposed copy; needed after writes the version counter misses
+        (``weight.data`` arithmetic, as peft's LoRA merge does)."""
+        self.__dict__.pop("_weight_t", None)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Linear:  # .to(), .half(), .cuda(): a new weight
+        self.drop_copy()
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self) -> dict[str, Any]:  # deepcopy and pickling leave the copy behind
+        state = super().__getstate__()
+        state.pop("_weight_t", None)
+        return state
 
 
 class RMSNorm(nn.Module):
@@ -379,7 +394,7 @@ class TesseraLM(nn.Module):
         """Free the transposed weight copies that CPU decoding made (see :class:`Linear`)."""
         for m in self.modules():
             if isinstance(m, Linear):
-                m.__dict__.pop("_weight_t", None)
+                m.drop_copy()
 
     # ---- accounting ----
 

@@ -191,6 +191,8 @@ def test_default_config_is_the_measured_vq_and_other_quantizers_get_their_own_op
     fsq = ImageTokenizerConfig(quantizer="fsq", latent_dim=4, codebook_size=1024)
     assert fsq.quantizer_options == {}
     ImageAutoencoder(fsq)  # builds: no VQ options leak into FSQ
+    with pytest.raises(ValueError, match=r"\['gradient', 'kmeans_init'\] are not options of 'fsq'"):
+        ImageTokenizerConfig.from_dict({**c.to_dict(), "quantizer": "fsq", "latent_dim": 4})
 
 
 def test_shipped_tokenizer_reconstructs_held_out_scenes() -> None:

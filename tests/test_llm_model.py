@@ -210,3 +210,21 @@ def test_decode_copies_match_f_linear_and_follow_weight_updates() -> None:
     with torch.inference_mode():  # many rows: F.linear, no copy made
         model(torch.randint(0, 128, (4, 8)))
     assert "_weight_t" not in head.__dict__
+
+
+def test_decode_copies_survive_dtype_moves_copies_and_inference_weights() -> None:
+    import copy
+
+    model = debug_model()
+    ids = torch.randint(0, 128, (1, 1))
+    with torch.inference_mode():
+        model(ids)
+    assert all("_weight_t" not in m.__dict__ for m in copy.deepcopy(model).modules())  # not carried along
+    model.double()  # .data replaced in place of the Parameter: the copy is dropped, not reused
+    with torch.no_grad():
+        reference = model(ids)
+    with torch.inference_mode():
+        torch.testing.assert_close(model(ids), reference)
+    with torch.inference_mode():  # weights made inside inference mode have no version counter
+        fresh = debug_model()
+        assert fresh(ids).shape == (1, 1, 128)

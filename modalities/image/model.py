@@ -24,6 +24,7 @@ classic all-convolutional VQGAN stem and ``patch=2, channels=(64, 128)`` a middl
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
@@ -85,6 +86,15 @@ class ImageTokenizerConfig:
         who = "ImageTokenizerConfig"
         if self.quantizer_options is None:
             object.__setattr__(self, "quantizer_options", dict(VQ_DEFAULTS) if self.quantizer == "vq" else {})
+        if self.quantizer in ("fsq", "vq"):
+            cls = FSQ if self.quantizer == "fsq" else VectorQuantizer
+            known = set(inspect.signature(cls).parameters) - {"levels", "dim", "codebook_size"}
+            known |= {"levels"} if self.quantizer == "fsq" else set()
+            unknown = sorted(set(self.quantizer_options) - known)
+            if unknown:
+                raise ValueError(f"{who}: quantizer_options {unknown} are not options of {self.quantizer!r} "
+                                 f"({cls.__name__}); drop them, or pass quantizer_options=None for the "
+                                 f"defaults of {self.quantizer!r}")
         if self.factor not in (4, 8, 16):
             raise ValueError(f"{who}: factor={self.factor}; the image tokenizer downsamples by 4, 8 or 16")
         if self.patch not in (1, 2, 4) or self.patch > self.factor:
