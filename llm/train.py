@@ -335,7 +335,9 @@ def _bundle_out(config: TrainConfig) -> Path | None:
 
 def _write_bundle(source: Path, dest: Path, model: TesseraLM, manifest_hash: str) -> None:
     """A copy of the bundle ``source`` (text model, tokenizers, settings) with ``model`` as its
-    LLM, stored in fp32; the manifest goes last, so a half-written bundle does not load."""
+    LLM, stored in the source LLM's dtype (bf16 stays bf16, so a fine-tuned default bundle
+    keeps its size; anything else fp32); the manifest goes last, so a half-written bundle
+    does not load."""
     dest.mkdir(parents=True, exist_ok=True)
     for item in source.iterdir():
         if item.name in ("llm", "manifest.json"):
@@ -344,7 +346,12 @@ def _write_bundle(source: Path, dest: Path, model: TesseraLM, manifest_hash: str
             shutil.copytree(item, dest / item.name, dirs_exist_ok=True)
         else:
             shutil.copy2(item, dest / item.name)
-    model.save_pretrained(dest / "llm", manifest_hash=manifest_hash, manifest=load_json(source / "manifest.json"))
+    from safetensors import safe_open
+
+    with safe_open(str(source / "llm" / "model.safetensors"), framework="pt") as f:
+        bf16 = all(f.get_slice(k).get_dtype() == "BF16" for k in f.keys())
+    model.save_pretrained(dest / "llm", manifest_hash=manifest_hash, manifest=load_json(source / "manifest.json"),
+                          dtype=torch.bfloat16 if bf16 else None)
     shutil.copy2(source / "manifest.json", dest / "manifest.json")
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors import safe_open
 from tessera.pipelines.build_default import SIZE_BUDGET_MB
 from tessera.pipelines.bundle import DEFAULT_BUNDLE, load_bundle
@@ -48,3 +49,17 @@ def test_the_app_serves_the_default_bundle_without_a_notice() -> None:
 
     served, notice = app_module.app_bundle()
     assert notice is None and Path(served.path).resolve() == DEFAULT_BUNDLE.resolve()
+
+
+def test_fine_tuning_the_bf16_default_bundle_writes_a_bf16_bundle(tmp_path: Path) -> None:
+    """`tessera train --init-from` copies the bundle with the new LLM in the source's dtype,
+    so a fine-tuned default bundle stays within the size budget."""
+    from tessera.llm.train import _write_bundle
+
+    source = load_bundle(DEFAULT_BUNDLE)
+    _write_bundle(DEFAULT_BUNDLE, tmp_path / "tuned", source.model, source.vocab.manifest_hash)
+    with safe_open(str(tmp_path / "tuned" / "llm" / "model.safetensors"), framework="pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+    tuned = load_bundle(tmp_path / "tuned")
+    for (name, a), (_, b) in zip(source.model.state_dict().items(), tuned.model.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name  # bf16 -> fp32 -> bf16 round trip is exact
