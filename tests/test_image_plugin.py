@@ -213,3 +213,19 @@ def test_shipped_tokenizer_decodes_every_code_its_layout_allows() -> None:
     assert layout.levels == (tok.model.quantizer.codebook_size,)
     top = torch.full_like(codes, layout.levels[0] - 1)
     assert tok.decode(layout.flatten(top, meta)).shape == tok.example(0).shape
+
+
+def test_train_command_switches_quantizer_with_its_own_defaults() -> None:
+    from tessera.modalities.image.cli import build_parser, train_model_config
+
+    def config(*flags: str) -> ImageTokenizerConfig:
+        return train_model_config(build_parser().parse_args(["train", "--out", "x", *flags]))
+
+    assert config() == ImageTokenizerConfig.builtin()
+    fsq = config("--quantizer", "fsq")
+    assert (fsq.quantizer, fsq.latent_dim, fsq.quantizer_options) == ("fsq", 4, {})
+    ImageAutoencoder(fsq)  # no VQ options carried over
+    vq = config("--preset", "debug", "--quantizer", "vq", "--codebook-size", "128")
+    assert (vq.quantizer, vq.latent_dim, vq.codebook_size, vq.quantizer_options) == (
+        "vq", 8, 128, {"kmeans_init": True, "gradient": "rotation"})
+    assert config("--quantizer", "vq") == ImageTokenizerConfig.builtin()  # the same quantizer keeps its options

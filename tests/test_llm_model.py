@@ -228,3 +228,24 @@ def test_decode_copies_survive_dtype_moves_copies_and_inference_weights() -> Non
     with torch.inference_mode():  # weights made inside inference mode have no version counter
         fresh = debug_model()
         assert fresh(ids).shape == (1, 1, 128)
+
+
+def test_merging_lora_drops_the_decode_copies_it_makes_stale() -> None:
+    """peft's merge writes through ``weight.data`` (no version bump): merge_lora must drop
+    the transposed copies, or decoding would keep using the pre-merge weights."""
+    from tessera.llm.lora import LoraOptions, apply_lora, merge_lora
+
+    model = debug_model()
+    ids = torch.randint(0, 128, (1, 1))
+    with torch.inference_mode():
+        model(ids)  # copies of the pre-LoRA weights
+    apply_lora(model, LoraOptions(r=4))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.5)  # a non-zero adapter
+    merge_lora(model)
+    with torch.no_grad():
+        reference = model(ids)
+    with torch.inference_mode():
+        torch.testing.assert_close(model(ids), reference)

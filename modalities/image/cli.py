@@ -36,26 +36,32 @@ def _load(checkpoint: str | None):  # -> ImageTokenizer
     return load_tokenizer(ImageTokenizer, checkpoint)
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from .model import ImageTokenizerConfig
-    from .train import TrainConfig, train
+def train_model_config(args: argparse.Namespace):  # -> ImageTokenizerConfig
+    """The preset's config with the command line's quantizer, codebook size and image size;
+    another quantizer brings its own default options and latent size."""
+    from .model import DEFAULT_LATENT_DIM, ImageTokenizerConfig
 
     base = ImageTokenizerConfig.debug() if args.preset == "debug" else ImageTokenizerConfig.builtin()
-    model_config = ImageTokenizerConfig.from_dict(
+    return ImageTokenizerConfig.from_dict(
         {
             **base.to_dict(),
-            # another quantizer brings its own default options and latent size
             **({"quantizer": args.quantizer, "quantizer_options": None,
-                "latent_dim": {"fsq": 4, "vq": 8}[args.quantizer]}
+                "latent_dim": DEFAULT_LATENT_DIM[args.quantizer]}
                if args.quantizer and args.quantizer != base.quantizer else {}),
             **({"codebook_size": args.codebook_size, "quantizer_options": None} if args.codebook_size else {}),
             **({"image_size": [args.image_size, args.image_size]} if args.image_size else {}),
         }
     )
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import TrainConfig, train
+
+    mc = train_model_config(args)
     names = ("data", "steps", "batch_size", "lr", "warmup_steps", "disc_weight", "disc_start", "train_images",
              "eval_every", "seed", "threads")
     train_config = with_overrides(TrainConfig.debug() if args.preset == "debug" else TrainConfig(), args, names)
-    metrics = train(args.out, model_config, train_config, progress=not args.no_progress)
+    metrics = train(args.out, mc, train_config, progress=not args.no_progress)
     print(json.dumps({"out": str(Path(args.out) / "final"), **metrics}, indent=2))
     return 0
 
@@ -135,8 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=int)
     t.add_argument("--lr", type=float)
     t.add_argument("--warmup-steps", type=int)
-    t.add_argument("--quantizer", choices=["fsq", "vq"])
-    t.add_argument("--codebook-size", type=int)
+    t.add_argument("--quantizer", choices=["fsq", "vq"],
+                   help="the bottleneck (default vq: 1024 codes, k-means init, rotation trick; see "
+                        "modalities/image/weights/README.md); another one brings its own default options")
+    t.add_argument("--codebook-size", type=int, help="codes in the quantizer (FSQ picks its levels for it)")
     t.add_argument("--image-size", type=int, help="square training crops of this side")
     t.add_argument("--disc-weight", type=float, help="adversarial loss weight (0 = no discriminator)")
     t.add_argument("--disc-start", type=int, help="step that switches the discriminator on")

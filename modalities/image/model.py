@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "VQ_DEFAULTS",
+    "DEFAULT_LATENT_DIM",
     "ImageTokenizerConfig",
     "ImageAutoencoder",
     "PatchDiscriminator",
@@ -54,6 +55,8 @@ QuantizerKind = Literal["fsq", "vq"]
 # colour, so FSQ's fixed grid leaves half its codes unused, while VQ's restarts move idle
 # codes to where the encoder's outputs are.
 VQ_DEFAULTS: dict[str, Any] = {"kmeans_init": True, "gradient": "rotation"}
+# latent size per quantizer (the measured configurations above); the CLI's --quantizer uses it
+DEFAULT_LATENT_DIM: dict[str, int] = {"fsq": 4, "vq": 8}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -75,7 +78,7 @@ class ImageTokenizerConfig:
     patch: int = 4
     channels: tuple[int, ...] = (96,)
     blocks: int = 2
-    latent_dim: int = 8
+    latent_dim: int = DEFAULT_LATENT_DIM["vq"]
     quantizer: QuantizerKind = "vq"
     codebook_size: int = 1024
     quantizer_options: dict[str, Any] | None = None

@@ -62,7 +62,7 @@ class TrainConfig:
     """How to train (JSON-serialisable). ``disc_weight = 0`` trains without the discriminator."""
 
     data: str = "builtin"
-    steps: int = 3700  # the defaults are the built-in recipe: ~14.7 min on 2 idle CPU cores
+    steps: int = 3700  # the defaults are the built-in recipe: 591-880 s on 2 idle cores (weights/README.md)
     batch_size: int = 16
     lr: float = 2e-3
     warmup_steps: int = 100
