@@ -90,6 +90,9 @@ def run(quick: bool, *, checkpoint: str | None = None) -> list[dict[str, Any]]:
             "tokens_per_clip": c.tokens,
             "codebook_size": K,
             "psnr_db": round(report["psnr"], 2),
+            # where the error is: the first frame (encoded alone) vs the frames after it
+            "psnr_first_frame_db": report["psnr_per_frame"][0],
+            "psnr_later_frames_db": round(sum(report["psnr_per_frame"][1:]) / (len(report["psnr_per_frame"]) - 1), 2),
             "l1": round(report["l1"], 4),
             "utilization": round(report["utilization"], 4),
             "perplexity": round(report["perplexity"], 1),

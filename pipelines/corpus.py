@@ -144,10 +144,16 @@ def _document(task: str, name: str, plugin: ModalityPlugin, media: Any, caption:
 
 
 def documents(plugins: dict[str, ModalityPlugin], *, n: int, split: str = "train",
-              config: CorpusConfig | None = None, sources: dict[str, Source] | None = None) -> Iterator[Document]:
-    """``n`` documents of ``split``: modalities in turn (those with a source), each going
-    through the split's scenes in order; a task drawn from ``config.mix``."""
+              config: CorpusConfig | None = None, sources: dict[str, Source] | None = None,
+              start: int = 0) -> Iterator[Document]:
+    """Documents ``start .. start + n - 1`` of ``split``'s stream: modalities in turn (those with
+    a source) or drawn from ``config.modality_mix``, each going through the split's scenes in
+    order; a task drawn from ``config.mix``. ``start`` extends a corpus with documents (and
+    scenes) it does not have yet: ``documents(n=a)`` then ``documents(n=b, start=a)`` are
+    ``documents(n=a + b)``; the first ``start`` documents are only counted, never rendered."""
     config = config or CorpusConfig()
+    if n < 0 or start < 0:
+        raise ValueError(f"n={n}, start={start}: both must be >= 0")
     sources = builtin_sources() if sources is None else sources
     names = [m for m in plugins if m in sources]
     if not names:
@@ -159,14 +165,16 @@ def documents(plugins: dict[str, ModalityPlugin], *, n: int, split: str = "train
             raise ValueError(f"modality_mix={config.modality_mix} has no weight for {missing}; give every modality "
                              f"of the corpus a weight (0 leaves it out)")
     drawn = {m: 0 for m in names}  # scenes used so far per modality: each document gets the next scene
-    for i in range(n):
+    for i in range(start + n):
         rng = random.Random(f"tessera-corpus-{config.seed}-{split}-{i}")
         if config.modality_mix is None:
             name = names[i % len(names)]
         else:
             name = rng.choices(names, [config.modality_mix[m] for m in names])[0]
-        seed = scene_seed(split, drawn[name], config)
         drawn[name] += 1
+        if i < start:
+            continue
+        seed = scene_seed(split, drawn[name] - 1, config)
         media, caption = sources[name](plugins[name], seed)
         tasks, weights = zip(*config.task_mix.get(name, config.mix).items(), strict=True)
         task = rng.choices(tasks, weights)[0]
@@ -193,9 +201,10 @@ def corpus_texts(n: int, *, config: CorpusConfig | None = None) -> list[str]:
 
 def tokenize_corpus(bundle: Bundle, n: int, out_dir: str | os.PathLike, *, split: str = "train",
                     config: CorpusConfig | None = None, sources: dict[str, Source] | None = None,
-                    shard_size: int = 1000, progress: bool = True) -> dict[str, Any]:
-    """Encode ``n`` corpus documents with the bundle's tokenizers and write token shards
-    (llm/data.py) to ``out_dir``; returns the shards' index (documents, tokens, shards)."""
+                    shard_size: int = 1000, progress: bool = True, start: int = 0) -> dict[str, Any]:
+    """Encode corpus documents ``start .. start + n - 1`` (:func:`documents`) with the bundle's
+    tokenizers and write token shards (llm/data.py) to ``out_dir``; returns the shards' index
+    (documents, tokens, shards)."""
     from tqdm import tqdm
 
     from ..core.checkpoint import load_json
@@ -204,7 +213,7 @@ def tokenize_corpus(bundle: Bundle, n: int, out_dir: str | os.PathLike, *, split
     manifest = bundle.vocab.manifest()
 
     def encoded() -> Iterator[dict[str, Any]]:
-        docs = documents(bundle.tokenizers, n=n, split=split, config=config, sources=sources)
+        docs = documents(bundle.tokenizers, n=n, split=split, config=config, sources=sources, start=start)
         for doc in tqdm(docs, total=n, desc=f"tokenize {split}", disable=not progress):
             ids, mask = doc.to_ids(bundle.vocab, bundle.text, bundle.tokenizers, train_on=train_on_for(doc))
             yield {"ids": ids, "loss_mask": mask}

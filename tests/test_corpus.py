@@ -50,6 +50,16 @@ def test_documents_are_deterministic_and_cover_every_task(bundle: Bundle) -> Non
     assert [_texts(d) for d in other] != [_texts(d) for d in a]
 
 
+def test_start_extends_the_stream_with_new_scenes(bundle: Bundle) -> None:
+    config = CorpusConfig(heldout=16, modality_mix={"double_grid": 3.0, "double_variable": 1.0})
+    whole = [_texts(d) for d in documents(bundle.tokenizers, n=60, config=config, sources=_sources())]
+    head = [_texts(d) for d in documents(bundle.tokenizers, n=25, config=config, sources=_sources())]
+    tail = [_texts(d) for d in documents(bundle.tokenizers, n=35, start=25, config=config, sources=_sources())]
+    assert head + tail == whole
+    with pytest.raises(ValueError, match="start=-1"):
+        next(documents(bundle.tokenizers, n=1, start=-1, config=config, sources=_sources()))
+
+
 def test_heldout_scenes_are_never_in_training(bundle: Bundle) -> None:
     config = CorpusConfig.debug()
     train = {t for d in documents(bundle.tokenizers, n=200, config=config, sources=_sources()) for t in _texts(d)}

@@ -18,7 +18,7 @@ from tessera.core.spec import LayoutError
 from tessera.modalities.video import WEIGHTS_DIR, VideoError, VideoTokenizer, VideoTokenizerConfig, cli
 from tessera.modalities.video.io import read_video, write_video
 from tessera.modalities.video.model import VideoAutoencoder
-from tessera.modalities.video.train import TrainConfig, pixel_weights, train
+from tessera.modalities.video.train import ClipCorpus, TrainConfig, evaluate, pixel_weights, train
 from tessera.modalities.world.checker import check_video
 from tessera.modalities.world.visual import render_video, sample_video_scene
 
@@ -232,6 +232,22 @@ def test_pixel_weights_single_out_objects() -> None:
     assert w.shape == (1, 2, 1, 8, 8)
     assert torch.equal(w[0, 0], torch.ones(1, 8, 8))
     assert float(w[0, 1, 0, 2, 2]) == 9.0 and float(w[0, 1].sum()) == 64 + 4 * 8
+
+
+def test_evaluate_reports_per_frame_and_continuous_psnr() -> None:
+    vq = replace(VideoTokenizerConfig.debug(), quantizer="vq", latent_dim=4, codebook_size=32)
+    corpus = ClipCorpus.build(range(4), vq)
+    report = evaluate(VideoAutoencoder(vq).eval(), corpus, batch_size=3)
+    assert len(report["psnr_per_frame"]) == vq.frames and report["clips"] == 4
+    assert report["psnr_continuous"] > 0
+    one = evaluate(VideoAutoencoder(vq).eval(), ClipCorpus.build([7], vq))
+    # a clip's PSNR is that of its mean squared error, so it lies within its frames' range
+    assert min(one["psnr_per_frame"]) - 0.01 <= one["psnr"] <= max(one["psnr_per_frame"]) + 0.01
+    assert max(one["psnr_per_frame"]) - min(one["psnr_per_frame"]) > 0.01  # frames differ: a real check
+    fsq = evaluate(VideoAutoencoder(VideoTokenizerConfig.debug()).eval(), corpus)
+    assert "psnr_continuous" not in fsq
+    with pytest.raises(ValueError, match="needs a VQ tokenizer"):
+        VideoAutoencoder(VideoTokenizerConfig.debug()).reconstruct_continuous(corpus.clips(slice(0, 1)))
 
 
 def test_short_training_run_learns_and_resumes(tmp_path: Path) -> None:

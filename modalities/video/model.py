@@ -285,6 +285,16 @@ class VideoAutoencoder(nn.Module):
         return self.quantizer.encode(self._to_latent(clip).permute(0, 2, 3, 4, 1))
 
     @torch.no_grad()
+    def reconstruct_continuous(self, clip: Tensor) -> Tensor:
+        """(B, T, 3, H, W) → the reconstruction without quantization (a diagnostic: how
+        much of the error is the network's rather than the codebook's). VQ only: FSQ's
+        decoder expects bounded latents, so skipping it would not measure the network."""
+        if self.config.quantizer != "vq":
+            raise ValueError(f"reconstruct_continuous needs a VQ tokenizer (this one is {self.config.quantizer!r}): "
+                             f"an FSQ decoder expects bounded latents")
+        return self._from_latent(self._to_latent(clip)).clamp(0, 1)
+
+    @torch.no_grad()
     def decode_codes(self, codes: Tensor) -> Tensor:
         """indices (B, t, h, w) → clip (B, T, 3, H, W), unclamped."""
         return self._from_latent(self.quantizer.decode(codes).permute(0, 4, 1, 2, 3))

@@ -168,22 +168,31 @@ def _batch(corpus: ClipCorpus, cfg: TrainConfig, gen: torch.Generator) -> Tensor
 @torch.no_grad()
 def evaluate(model: VideoAutoencoder, corpus: ClipCorpus, *, batch_size: int = 16) -> dict[str, Any]:
     """Held-out scores: mean PSNR (dB, over clips), L1, code utilization and perplexity
-    over every token of the corpus, tokens per clip."""
+    over every token of the corpus, tokens per clip; and two diagnostics of what bounds
+    quality: ``psnr_per_frame`` (frame ``t`` of every clip; the first frame is encoded
+    alone) and ``psnr_continuous``, the autoencoder with its quantizer bypassed (close to
+    ``psnr``: the network, not the codebook, is the limit; VQ tokenizers only)."""
     was_training = model.training
     model.eval()
-    psnrs, l1s, codes = [], [], []
+    psnrs, l1s, codes, frame_mse, continuous = [], [], [], [], []
     for i in range(0, len(corpus), batch_size):
         clips = corpus.clips(slice(i, i + batch_size))
         idx = model.encode_codes(clips)
         recon = model.decode_codes(idx).clamp(0, 1)
         psnrs.append(psnr(recon, clips))
         l1s.append((recon - clips).abs().flatten(1).mean(1))
+        frame_mse.append((recon - clips).pow(2).flatten(2).mean(2))  # (B, T)
+        if model.config.quantizer == "vq":
+            continuous.append(psnr(model.reconstruct_continuous(clips), clips))
         codes.append(idx.reshape(-1))
     model.train(was_training)
     stats = code_stats(torch.cat(codes), model.quantizer.codebook_size)
+    per_frame = 10 * torch.log10(1 / torch.cat(frame_mse).clamp_min(1e-10))  # (N, T)
     return {
         "clips": len(corpus),
         "psnr": float(torch.cat(psnrs).mean()),
+        "psnr_per_frame": [round(float(v), 2) for v in per_frame.mean(0)],
+        **({"psnr_continuous": float(torch.cat(continuous).mean())} if continuous else {}),
         "l1": float(torch.cat(l1s).mean()),
         "utilization": float(stats.utilization),
         "perplexity": float(stats.perplexity),
