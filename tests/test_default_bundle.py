@@ -44,6 +44,18 @@ def test_the_default_bundle_describes_held_out_images(bundle) -> None:  # noqa: 
     assert scores["background"] >= 0.8 and scores["attribute_accuracy"] >= 0.15, scores
 
 
+def test_eval_batches_do_not_change_greedy_captions(bundle) -> None:  # noqa: ANN001
+    """Captions are greedy and held-out images encode to prompts of one length (no padding),
+    so how the samples are batched must not change a single score."""
+    from tessera.pipelines.evaluate import evaluate
+
+    one = evaluate(bundle, n=5, tasks=["image-to-text"], progress=False, batch_size=5)["image-to-text"]
+    split = evaluate(bundle, n=5, tasks=["image-to-text"], progress=False, batch_size=2)["image-to-text"]
+    assert {k: v for k, v in one.items() if k != "seconds"} == {k: v for k, v in split.items() if k != "seconds"}
+    with pytest.raises(ValueError, match="batch_size=0"):
+        evaluate(bundle, n=5, tasks=["image-to-text"], batch_size=0)
+
+
 def test_the_app_serves_the_default_bundle_without_a_notice() -> None:
     from tessera.apps import app as app_module
 
