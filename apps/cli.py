@@ -258,6 +258,21 @@ def cmd_bundle_add_modality(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bundle_replace_modality(args: argparse.Namespace) -> int:
+    from tessera.core.registry import get_modality
+    from tessera.pipelines.bundle import load_bundle, replace_modality, save_bundle
+
+    bundle = load_bundle(_bundle_path(args.bundle))
+    plugin = get_modality(args.modality).load(str(args.checkpoint))
+    replaced, counts = replace_modality(bundle, plugin)
+    out = Path(args.out) if args.out else bundle.path
+    save_bundle(replaced, out)
+    print(f"replaced the {args.modality!r} tokenizer: {counts['kept']} embedding rows carried over, "
+          f"{counts['fresh']} new; wrote {out}. The LLM has not seen the new codes yet: tokenize data with "
+          f"this bundle (`tessera tokenize`) and fine-tune it (`tessera train --init-from {out}`)")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     import torch
     from tessera.core.checkpoint import load_json
@@ -336,8 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("modality", help="a registered modality, e.g. image, video, speech")
     t.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the plugin (see --help there)")
 
-    b = sub.add_parser("bundle", help="inspect a bundle or add a modality to it",
-                       description="Inspect a bundle or add a modality to it.", formatter_class=_Formatter,
+    b = sub.add_parser("bundle", help="inspect a bundle, add a modality or replace a modality's tokenizer",
+                       description="Inspect a bundle, add a modality or replace a modality's tokenizer.",
+                       formatter_class=_Formatter,
                        epilog="examples:\n  tessera bundle info\n"
                               "  tessera bundle add-modality BUNDLE motion --checkpoint runs/motion --out grown/")
     bsub = b.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -354,6 +370,14 @@ def build_parser() -> argparse.ArgumentParser:
     ba.add_argument("--freeze-old", dest="freeze_old", action="store_true",
                     help="mark the old embedding rows frozen for fine-tuning")
     ba.add_argument("--out", help="new bundle folder (default: overwrite BUNDLE)")
+    br = _sub(bsub, "replace-modality", "swap a modality's tokenizer for another checkpoint (the LLM keeps "
+              "every other embedding row; the new codes need fine-tuning)",
+              "  tessera bundle replace-modality my_bundle image --checkpoint runs/image_v4/final --out new_bundle",
+              cmd_bundle_replace_modality)
+    br.add_argument("bundle", help="bundle folder")
+    br.add_argument("modality", help="the modality whose tokenizer is replaced, e.g. image")
+    br.add_argument("--checkpoint", required=True, help="the new tokenizer's folder (what its save() wrote)")
+    br.add_argument("--out", help="new bundle folder (default: overwrite BUNDLE)")
 
     e = _sub(sub, "export", "export a bundle's LLM to another format",
              "  tessera export hf my_bundle --out hf_model/", cmd_export)

@@ -15,7 +15,9 @@ that names the file, what differs and how to fix it. Nothing is loaded with pick
 
 :func:`add_modality` grows a (trained) bundle by one modality: the vocabulary appends
 its range (no id moves), the LLM's embedding grows append-only (old rows and old logits
-untouched), and the manifest and settings record it.
+untouched), and the manifest and settings record it. :func:`replace_modality` swaps one
+modality's tokenizer for another (a better checkpoint) and carries every embedding row
+that keeps its meaning to its new id.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from ..core.grammar import Grammar
 from ..core.registry import RegistryError, get_modality
 from ..core.spec import ModalityPlugin
 from ..core.text import TextTokenizer
-from ..core.vocab import ManifestMismatchError, UnifiedVocab
+from ..core.vocab import GLOBAL_SPECIALS, ManifestMismatchError, UnifiedVocab
 from ..llm.generate import SamplingConfig
 from ..llm.model import LLMConfig, TesseraLM
 
@@ -48,6 +50,7 @@ __all__ = [
     "save_bundle",
     "create_bundle",
     "add_modality",
+    "replace_modality",
     "default_settings",
     "tiny_bundle",
 ]
@@ -299,6 +302,66 @@ def add_modality(bundle: Bundle, plugin: ModalityPlugin, *, freeze_old: bool = F
     settings.setdefault("meta", {}).update(fresh["meta"])
     return Bundle(path=None, vocab=vocab, text=bundle.text, tokenizers=tokenizers, model=model.eval(),
                   grammar=Grammar(vocab), settings=settings)
+
+
+def replace_modality(bundle: Bundle, plugin: ModalityPlugin, *, seed: int = 0,
+                     noise_std: float = 0.01) -> tuple[Bundle, dict[str, int]]:
+    """A new bundle whose ``plugin.spec.name`` tokenizer is ``plugin`` (e.g. a better
+    image tokenizer), keeping everything the LLM learned about the rest.
+
+    The vocabulary is rebuilt in the same order with the new spec, so the replaced block
+    and the blocks after it may change size and move; the LLM's embedding (and untied
+    head) rows are carried to their new ids: text, global specials, every other
+    modality, the replaced modality's begin/end and extra special tokens, and its meta
+    ids when its meta fields are unchanged. Only the new codes start fresh, at the mean
+    of the old rows plus N(0, noise_std * row std) noise, as in :meth:`TesseraLM.resize_vocab`.
+    Returns the bundle and counts ``{"kept": rows carried over, "fresh": new rows}``;
+    the model must then be fine-tuned on data tokenized with the new tokenizer."""
+    name = plugin.spec.name
+    old = bundle.vocab
+    if name not in old.modalities:
+        raise ValueError(f"the bundle has no modality {name!r} to replace (it has {list(old.modalities)}); "
+                         f"add it with add_modality instead")
+    specs = [plugin.spec if m == name else old.spec(m) for m in old.modalities]
+    vocab = UnifiedVocab.build(old.text_size, specs, text_sha256=old.text_sha256)
+    # new id <- old id for every token that keeps its meaning
+    src, dst = [torch.arange(old.text_size + len(GLOBAL_SPECIALS))] * 2
+    pairs = [(src, dst)]
+    for m in old.modalities:
+        tokens = [f"<|begin_{m}|>", f"<|end_{m}|>", *old.spec(m).special_tokens]
+        kept = [t for t in tokens if t in (f"<|begin_{m}|>", f"<|end_{m}|>", *vocab.spec(m).special_tokens)]
+        pairs.append((torch.tensor([old.special_id(t) for t in kept]), torch.tensor([vocab.special_id(t) for t in kept])))
+        old_layout, new_layout = old.spec(m).layout, vocab.spec(m).layout
+        n = old_layout.local_size if m != name else (old_layout.meta_size if old_layout.meta == new_layout.meta else 0)
+        pairs.append((old.local_range(m)[0] + torch.arange(n), vocab.local_range(m)[0] + torch.arange(n)))
+    src = torch.cat([p[0] for p in pairs])
+    dst = torch.cat([p[1] for p in pairs])
+    model = copy.deepcopy(bundle.model)
+    gen = torch.Generator().manual_seed(seed)
+
+    @torch.no_grad()
+    def moved(w: torch.Tensor) -> torch.nn.Parameter:
+        mean, std = w.mean(0), w.std(0).mean()
+        fresh = mean + noise_std * std * torch.randn(vocab.size, w.shape[1], generator=gen).to(w)
+        fresh[dst] = w[src]
+        return torch.nn.Parameter(fresh.to(w.dtype))
+
+    model.tok_emb.weight = moved(model.tok_emb.weight)
+    model.tok_emb.num_embeddings = vocab.size
+    model.lm_head.weight = model.tok_emb.weight if model.config.tie_embeddings else moved(model.lm_head.weight)
+    model.lm_head.out_features = vocab.size
+    model.config.vocab_size = vocab.size
+    model.drop_decode_copies()
+    model.manifest_hash = vocab.manifest_hash
+    settings = copy.deepcopy(bundle.settings)
+    fresh_settings = default_settings({name: plugin})
+    settings["plugins"][name] = fresh_settings["plugins"][name]
+    settings.setdefault("meta", {}).pop(name, None)
+    settings["meta"].update(fresh_settings["meta"])
+    tokenizers = {m: plugin if m == name else t for m, t in bundle.tokenizers.items()}
+    replaced = Bundle(path=None, vocab=vocab, text=bundle.text, tokenizers=tokenizers, model=model.eval(),
+                      grammar=Grammar(vocab), settings=settings)
+    return replaced, {"kept": int(src.numel()), "fresh": vocab.size - int(src.numel())}
 
 
 # ---- a tiny bundle for tests -----------------------------------------------------------

@@ -7,9 +7,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from doubles import FixedDouble, GridDouble, VariableDouble, register_doubles
+from doubles import FixedDouble, GridConfig, GridDouble, VariableDouble, register_doubles
 from tessera.core.checkpoint import load_tensors, save_tensors
-from tessera.pipelines.bundle import BundleError, add_modality, load_bundle, save_bundle, tiny_bundle
+from tessera.pipelines.bundle import (
+    BundleError,
+    add_modality,
+    load_bundle,
+    replace_modality,
+    save_bundle,
+    tiny_bundle,
+)
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +99,37 @@ def test_add_modality_keeps_old_ids_and_old_logits(saved: Path, tmp_path: Path) 
     assert again.settings["plugins"]["double_fixed"].endswith(":FixedDouble")
     with pytest.raises(ValueError, match="already has modality 'double_fixed'"):
         add_modality(again, FixedDouble.debug())
+
+
+def test_replace_modality_carries_every_row_that_keeps_its_meaning(saved: Path, tmp_path: Path) -> None:
+    old = load_bundle(saved)
+    finer = GridDouble(GridConfig(grey_levels=40))  # a different codebook: the ranges after it move
+    new, counts = replace_modality(old, finer)
+    assert new.vocab.modalities == old.vocab.modalities
+    assert new.vocab.size == old.vocab.size + 24 == new.model.config.vocab_size
+    assert counts == {"kept": old.vocab.size - 16, "fresh": 40}
+    shift = new.vocab.local_range("double_variable")[0] - old.vocab.local_range("double_variable")[0]
+    assert shift == 24 and new.vocab.begin_id("double_variable") == old.vocab.begin_id("double_variable") + 24
+    # a sequence without the replaced codes: same logits for every token that kept its meaning
+    lo, hi = old.vocab.local_range("double_variable")
+    g = torch.Generator().manual_seed(0)
+    text = torch.randint(0, old.vocab.text_size, (2, 6), generator=g)
+    sound = torch.randint(lo, hi, (2, 6), generator=g)
+    grid_meta = torch.full((2, 1), old.vocab.local_range("double_grid")[0] + 1)  # meta ids keep their ids
+    ids = torch.cat([text, grid_meta, torch.full((2, 1), old.vocab.begin_id("double_variable")), sound], 1)
+    new_ids = torch.where(ids >= old.vocab.begin_id("double_variable"), ids + shift, ids)
+    kept = torch.cat([torch.arange(old.vocab.local_range("double_grid")[0] + old.tokenizers["double_grid"].spec.layout.meta_size),
+                      torch.arange(old.vocab.local_range("double_grid")[1], old.vocab.size)])
+    kept_new = torch.where(kept >= old.vocab.begin_id("double_variable"), kept + shift, kept)
+    with torch.inference_mode():
+        torch.testing.assert_close(new.model(new_ids)[..., kept_new], old.model(ids)[..., kept], rtol=0, atol=0)
+    assert old.model.config.vocab_size == old.vocab.size  # the given bundle is untouched
+    save_bundle(new, tmp_path / "replaced", dtype=None)
+    again = load_bundle(tmp_path / "replaced")
+    assert again.tokenizers["double_grid"].spec.layout.levels == (40,)
+    assert again.settings["sampling"] == old.settings["sampling"]  # tuned settings survive
+    with pytest.raises(ValueError, match="no modality 'double_fixed' to replace"):
+        replace_modality(old, FixedDouble.debug())
 
 
 def test_not_a_bundle_says_how_to_make_one(tmp_path: Path) -> None:

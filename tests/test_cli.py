@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from doubles import GridDouble, VariableDouble, register_doubles
+from doubles import GridConfig, GridDouble, VariableDouble, register_doubles
 from PIL import Image
 from tessera.apps.cli import FORWARDED, main
 from tessera.core.checkpoint import load_json
@@ -46,7 +46,7 @@ def test_help_is_light_and_lists_every_command() -> None:
 
 
 @pytest.mark.parametrize("argv", [["demo"], ["generate"], ["chat"], ["tokenizer"], ["bundle"], ["bundle", "info"],
-                                  ["bundle", "add-modality"], ["export"]])
+                                  ["bundle", "add-modality"], ["bundle", "replace-modality"], ["export"]])
 def test_every_command_has_help_with_examples(capsys: pytest.CaptureFixture[str], argv: list[str]) -> None:
     code, out, _ = run(capsys, *argv, "--help")
     assert code == 0 and f"usage: tessera {' '.join(argv)}" in out and "examples:\n  tessera " in out
@@ -140,3 +140,17 @@ def test_add_modality_then_export(capsys: pytest.CaptureFixture[str], bundle_dir
     code, out, _ = run(capsys, "export", "hf", str(grown), "--out", str(tmp_path / "hf"))
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert code == 0 and config["vocab_size"] == new["size"] and (tmp_path / "hf" / "tokenizer.model").is_file()
+
+
+def test_replace_modality_writes_a_loadable_bundle(capsys: pytest.CaptureFixture[str], bundle_dir: Path,
+                                                   tmp_path: Path) -> None:
+    GridDouble(GridConfig(grey_levels=24)).save(str(tmp_path / "grid24"))
+    out_dir = tmp_path / "replaced"
+    code, out, err = run(capsys, "bundle", "replace-modality", str(bundle_dir), "double_grid",
+                         "--checkpoint", str(tmp_path / "grid24"), "--out", str(out_dir))
+    assert code == 0 and "24 new" in out and "tessera train --init-from" in out, err
+    replaced = load_bundle(out_dir)
+    assert replaced.tokenizers["double_grid"].spec.layout.levels == (24,)
+    assert replaced.model.config.vocab_size == replaced.vocab.size == load_bundle(bundle_dir).vocab.size + 8
+    code, _, err = run(capsys, "bundle", "replace-modality", str(bundle_dir), "double_grid")
+    assert code == 2 and "--checkpoint" in err
