@@ -351,6 +351,9 @@ def replace_modality(bundle: Bundle, plugin: ModalityPlugin, *, seed: int = 0,
     model.lm_head.weight = model.tok_emb.weight if model.config.tie_embeddings else moved(model.lm_head.weight)
     model.lm_head.out_features = vocab.size
     model.config.vocab_size = vocab.size
+    for hook in model._freeze_hooks:  # rows frozen by an earlier resize_vocab(freeze_old=True) moved
+        hook.remove()
+    model._freeze_hooks, model._frozen_rows = [], 0
     model.drop_decode_copies()
     model.manifest_hash = vocab.manifest_hash
     settings = copy.deepcopy(bundle.settings)
