@@ -362,28 +362,58 @@ class TesseraLM(nn.Module):
                              f"vocabulary is append-only, pass a size >= {old}")
         if new_size == old and not freeze_old:
             return
+        kept = torch.arange(old)
+        self.remap_vocab(new_size, kept, kept, noise_std=noise_std)
+        self._frozen_rows = old if freeze_old else 0
+        if freeze_old:
+            params = {id(p): p for p in (self.tok_emb.weight, self.lm_head.weight)}
+            self._freeze_hooks = [p.register_hook(self._zero_frozen_grad) for p in params.values()]
 
-        def grown(w: Tensor) -> nn.Parameter:
+    @torch.no_grad()
+    def remap_vocab(self, new_size: int, old_ids: Tensor, new_ids: Tensor, *, noise_std: float = 0.01,
+                    generator: torch.Generator | None = None) -> None:
+        """Rebuild the vocabulary rows of the embedding (and untied head) for a vocabulary of
+        ``new_size``: row ``new_ids[i]`` takes old row ``old_ids[i]`` bit for bit, every other
+        row starts at the mean of the old rows plus N(0, noise_std * row std) noise. Used to
+        grow the vocabulary (:meth:`resize_vocab`) and when a modality's tokenizer is replaced
+        and the ids after it move (``tessera.pipelines.bundle.replace_modality``). Rows marked
+        frozen by an earlier ``resize_vocab(freeze_old=True)`` are unfrozen: their ids may move."""
+        old = self.config.vocab_size
+        old_ids, new_ids = torch.as_tensor(old_ids).long().reshape(-1), torch.as_tensor(new_ids).long().reshape(-1)
+        if old_ids.numel() != new_ids.numel():
+            raise ValueError(f"remap_vocab: {old_ids.numel()} old ids but {new_ids.numel()} new ids; pair each kept "
+                             f"row's old id with its new id")
+        if old_ids.numel() and not (0 <= int(old_ids.min()) and int(old_ids.max()) < old):
+            raise ValueError(f"remap_vocab: old ids span [{int(old_ids.min())}, {int(old_ids.max())}], outside the "
+                             f"model's vocabulary [0, {old})")
+        if new_ids.numel() and not (0 <= int(new_ids.min()) and int(new_ids.max()) < new_size):
+            raise ValueError(f"remap_vocab: new ids span [{int(new_ids.min())}, {int(new_ids.max())}], outside the "
+                             f"new vocabulary [0, {new_size})")
+        if new_ids.unique().numel() != new_ids.numel():
+            raise ValueError("remap_vocab: a new id is given twice; each new row can take one old row")
+        fresh = torch.ones(new_size, dtype=torch.bool)
+        fresh[new_ids] = False
+
+        def rebuilt(w: Tensor) -> nn.Parameter:
             mean, std = w.mean(0), w.std(0).mean()
-            extra = mean + noise_std * std * torch.randn(new_size - old, w.shape[1], device=w.device,
-                                                         dtype=w.dtype)
-            return nn.Parameter(torch.cat([w, extra.to(w.dtype)], dim=0))
+            out = torch.empty(new_size, w.shape[1], device=w.device, dtype=w.dtype)
+            out[new_ids.to(w.device)] = w[old_ids.to(w.device)]
+            noise = torch.randn(int(fresh.sum()), w.shape[1], generator=generator, device=w.device, dtype=w.dtype)
+            out[fresh.to(w.device)] = (mean + noise_std * std * noise).to(w.dtype)
+            return nn.Parameter(out)
 
-        self.tok_emb.weight = grown(self.tok_emb.weight)
+        self.tok_emb.weight = rebuilt(self.tok_emb.weight)
         self.tok_emb.num_embeddings = new_size
         if self.config.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         else:
-            self.lm_head.weight = grown(self.lm_head.weight)
+            self.lm_head.weight = rebuilt(self.lm_head.weight)
         self.lm_head.out_features = new_size
         self.config.vocab_size = new_size
         for h in self._freeze_hooks:
             h.remove()
         self._freeze_hooks = []
-        self._frozen_rows = old if freeze_old else 0
-        if freeze_old:
-            params = {id(p): p for p in (self.tok_emb.weight, self.lm_head.weight)}
-            self._freeze_hooks = [p.register_hook(self._zero_frozen_grad) for p in params.values()]
+        self._frozen_rows = 0
 
     def _zero_frozen_grad(self, grad: Tensor) -> Tensor:
         grad = grad.clone()

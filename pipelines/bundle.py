@@ -313,8 +313,8 @@ def replace_modality(bundle: Bundle, plugin: ModalityPlugin, *, seed: int = 0,
     and the blocks after it may change size and move; the LLM's embedding (and untied
     head) rows are carried to their new ids: text, global specials, every other
     modality, the replaced modality's begin/end and extra special tokens, and its meta
-    ids when its meta fields are unchanged. Only the new codes start fresh, at the mean
-    of the old rows plus N(0, noise_std * row std) noise, as in :meth:`TesseraLM.resize_vocab`.
+    ids when its meta fields are unchanged (:meth:`TesseraLM.remap_vocab`). Only the new
+    codes start fresh, at the mean of the old rows plus N(0, noise_std * row std) noise.
     Returns the bundle and counts ``{"kept": rows carried over, "fresh": new rows}``;
     the model must then be fine-tuned on data tokenized with the new tokenizer."""
     name = plugin.spec.name
@@ -325,11 +325,11 @@ def replace_modality(bundle: Bundle, plugin: ModalityPlugin, *, seed: int = 0,
     specs = [plugin.spec if m == name else old.spec(m) for m in old.modalities]
     vocab = UnifiedVocab.build(old.text_size, specs, text_sha256=old.text_sha256)
     # new id <- old id for every token that keeps its meaning
-    src, dst = [torch.arange(old.text_size + len(GLOBAL_SPECIALS))] * 2
-    pairs = [(src, dst)]
+    n_fixed = old.text_size + len(GLOBAL_SPECIALS)
+    pairs = [(torch.arange(n_fixed), torch.arange(n_fixed))]
     for m in old.modalities:
-        tokens = [f"<|begin_{m}|>", f"<|end_{m}|>", *old.spec(m).special_tokens]
-        kept = [t for t in tokens if t in (f"<|begin_{m}|>", f"<|end_{m}|>", *vocab.spec(m).special_tokens)]
+        extra = [t for t in old.spec(m).special_tokens if t in vocab.spec(m).special_tokens]
+        kept = [f"<|begin_{m}|>", f"<|end_{m}|>", *extra]
         pairs.append((torch.tensor([old.special_id(t) for t in kept]), torch.tensor([vocab.special_id(t) for t in kept])))
         old_layout, new_layout = old.spec(m).layout, vocab.spec(m).layout
         n = old_layout.local_size if m != name else (old_layout.meta_size if old_layout.meta == new_layout.meta else 0)
@@ -337,24 +337,7 @@ def replace_modality(bundle: Bundle, plugin: ModalityPlugin, *, seed: int = 0,
     src = torch.cat([p[0] for p in pairs])
     dst = torch.cat([p[1] for p in pairs])
     model = copy.deepcopy(bundle.model)
-    gen = torch.Generator().manual_seed(seed)
-
-    @torch.no_grad()
-    def moved(w: torch.Tensor) -> torch.nn.Parameter:
-        mean, std = w.mean(0), w.std(0).mean()
-        fresh = mean + noise_std * std * torch.randn(vocab.size, w.shape[1], generator=gen).to(w)
-        fresh[dst] = w[src]
-        return torch.nn.Parameter(fresh.to(w.dtype))
-
-    model.tok_emb.weight = moved(model.tok_emb.weight)
-    model.tok_emb.num_embeddings = vocab.size
-    model.lm_head.weight = model.tok_emb.weight if model.config.tie_embeddings else moved(model.lm_head.weight)
-    model.lm_head.out_features = vocab.size
-    model.config.vocab_size = vocab.size
-    for hook in model._freeze_hooks:  # rows frozen by an earlier resize_vocab(freeze_old=True) moved
-        hook.remove()
-    model._freeze_hooks, model._frozen_rows = [], 0
-    model.drop_decode_copies()
+    model.remap_vocab(vocab.size, src, dst, noise_std=noise_std, generator=torch.Generator().manual_seed(seed))
     model.manifest_hash = vocab.manifest_hash
     settings = copy.deepcopy(bundle.settings)
     fresh_settings = default_settings({name: plugin})

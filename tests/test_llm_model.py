@@ -114,6 +114,33 @@ def test_frozen_old_rows_survive_an_optimizer_step(tied: bool) -> None:
     assert not torch.equal(model.layers[0].mlp.down.weight, debug_model().layers[0].mlp.down.weight)
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_remap_moves_kept_rows_to_their_new_ids(tied: bool) -> None:
+    model = debug_model(tie_embeddings=tied)
+    model.resize_vocab(140, freeze_old=True)
+    emb, head = model.tok_emb.weight.detach().clone(), model.lm_head.weight.detach().clone()
+    # ids [0, 100) stay, [100, 128) are dropped, [128, 140) move up by 20 to [148, 160)
+    old_ids = torch.cat([torch.arange(100), torch.arange(128, 140)])
+    new_ids = torch.cat([torch.arange(100), torch.arange(148, 160)])
+    model.remap_vocab(160, old_ids, new_ids, generator=torch.Generator().manual_seed(0))
+    assert model.config.vocab_size == 160 and model.tok_emb.weight.shape == (160, 64)
+    assert torch.equal(model.tok_emb.weight[new_ids], emb[old_ids])
+    assert torch.equal(model.lm_head.weight[new_ids], head[old_ids])
+    assert (model.lm_head.weight is model.tok_emb.weight) == tied
+    fresh = model.tok_emb.weight[100:148].detach()  # the mean of the old rows plus small noise
+    assert (fresh.mean(0) - emb.mean(0)).abs().max() < 0.01 and 0 < fresh.std() < 0.1 * emb.std()
+    assert model._frozen_rows == 0 and not model._freeze_hooks  # the frozen ids moved: nothing stays frozen
+    with pytest.raises(ValueError, match="2 old ids but 1 new ids"):
+        model.remap_vocab(170, torch.tensor([0, 1]), torch.tensor([0]))
+    with pytest.raises(ValueError, match=r"outside the model's vocabulary \[0, 160\)"):
+        model.remap_vocab(170, torch.tensor([160]), torch.tensor([0]))
+    with pytest.raises(ValueError, match=r"outside the new vocabulary \[0, 170\)"):
+        model.remap_vocab(170, torch.tensor([0]), torch.tensor([170]))
+    with pytest.raises(ValueError, match="given twice"):
+        model.remap_vocab(170, torch.tensor([0, 1]), torch.tensor([5, 5]))
+    assert model.config.vocab_size == 160  # a refused remap changes nothing
+
+
 def test_checkpoint_round_trip_and_manifest_guard(tmp_path) -> None:
     model = debug_model(tie_embeddings=True)
     model.save_pretrained(tmp_path, manifest_hash="a" * 64)
