@@ -308,32 +308,63 @@ class TokenShardReader:
 
     @staticmethod
     def _open(path: Any) -> tuple[list[Path], list[int], dict[str, Any]]:
-        if isinstance(path, (str, os.PathLike)) and Path(path).is_dir():
-            folder = Path(path)
-            if not (folder / INDEX_NAME).is_file():
-                raise ValueError(f"{folder} has no {INDEX_NAME}; it is not a token-shard folder written by "
-                                 f"write_token_shards (or `tessera tokenize`); write the shards first")
-            index = load_json(folder / INDEX_NAME)
-            if index.get("format") != _FORMAT:
-                raise ValueError(f"{folder / INDEX_NAME} is not a Tessera token-shard index "
-                                 f"(format={index.get('format')!r})")
-            return [folder / s["name"] for s in index["shards"]], [s["docs"] for s in index["shards"]], index
-        paths = [Path(path)] if isinstance(path, (str, os.PathLike)) else [Path(p) for p in path]
-        if not paths:
+        """One folder, one ``.tar``, or a list of folders and ``.tar`` files read as one
+        corpus (in the order given; shuffling mixes them). All must share one manifest."""
+        sources = [path] if isinstance(path, (str, os.PathLike)) else list(path)
+        if not sources:
             raise ValueError("no shards given; pass a token-shard folder or .tar files")
-        counts, hashes = [], set()
-        for p in paths:
+        paths: list[Path] = []
+        counts: list[int] = []
+        indexes: list[tuple[str, dict[str, Any]]] = []
+        loose: list[Path] = []
+        for src in sources:
+            if Path(src).is_dir():
+                folder, index = Path(src), TokenShardReader._folder_index(Path(src))
+                paths += [folder / s["name"] for s in index["shards"]]
+                counts += [s["docs"] for s in index["shards"]]
+                indexes.append((str(folder), index))
+                continue
+            p = Path(src)
             if not p.is_file():
-                raise ValueError(f"{p}: no such shard; pass a token-shard folder or existing .tar files")
-            n = 0
+                raise ValueError(f"{p}: no such shard or folder; pass token-shard folders or existing .tar files")
+            n, hashes = 0, set()
             for _, files in _iter_tar(p):
                 hashes.add(json.loads(files["meta.json"])["manifest_hash"])
                 n += 1
+            if len(hashes) > 1:
+                raise ShardManifestError(f"shard {p} mixes manifests {sorted(hashes)}; train on shards of one "
+                                         f"vocabulary")
+            paths.append(p)
             counts.append(n)
-        if len(hashes) != 1:
-            raise ShardManifestError(f"shards {[str(p) for p in paths]} mix manifests {sorted(hashes)}; "
-                                     f"train on shards of one vocabulary")
-        return paths, counts, {"manifest_hash": hashes.pop(), "modalities": None, "shards": []}
+            indexes.append((str(p), {"manifest_hash": hashes.pop() if hashes else None}))
+            loose.append(p)
+        found = {idx["manifest_hash"] for _, idx in indexes if idx["manifest_hash"] is not None}
+        if len(found) != 1:
+            listing = ", ".join(f"{name} ({idx['manifest_hash']})" for name, idx in indexes)
+            raise ShardManifestError(f"the shards mix manifests: {listing}; their ids mean different tokens. "
+                                     f"Train on shards of one vocabulary (re-tokenize the odd ones out)")
+        if len(indexes) == 1 and not loose:
+            return paths, counts, indexes[0][1]
+        folder_idx = [idx for _, idx in indexes if "format" in idx]
+        merged: dict[str, Any] = {"manifest_hash": found.pop(), "shards": [], "docs": sum(counts)}
+        modalities = {tuple(idx.get("modalities") or ()) for idx in folder_idx}
+        merged["modalities"] = list(modalities.pop()) or None if len(modalities) == 1 and not loose else None
+        if folder_idx and not loose:
+            merged["max_id"] = max(idx.get("max_id", -1) for idx in folder_idx)
+            sizes = {idx.get("vocab_size") for idx in folder_idx}
+            merged["vocab_size"] = sizes.pop() if len(sizes) == 1 else None
+        return paths, counts, merged
+
+    @staticmethod
+    def _folder_index(folder: Path) -> dict[str, Any]:
+        if not (folder / INDEX_NAME).is_file():
+            raise ValueError(f"{folder} has no {INDEX_NAME}; it is not a token-shard folder written by "
+                             f"write_token_shards (or `tessera tokenize`); write the shards first")
+        index = load_json(folder / INDEX_NAME)
+        if index.get("format") != _FORMAT:
+            raise ValueError(f"{folder / INDEX_NAME} is not a Tessera token-shard index "
+                             f"(format={index.get('format')!r})")
+        return index
 
     # ---- position ----
 

@@ -71,7 +71,7 @@ class TrainConfig:
     ``seq_len`` tokens; give ``global_batch`` to have that checked up front.
     """
 
-    data: str  # token-shard folder (llm/data.py)
+    data: str | list[str]  # token-shard folder, or several read as one corpus (llm/data.py)
     out_dir: str
     model: str = "debug"  # LLMConfig preset, used when neither model_config nor init_from is given
     model_config: dict[str, Any] | None = None  # a full LLMConfig dict
@@ -554,7 +554,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tessera train", description="Train or fine-tune the Tessera LLM "
                                 "through DeepSpeed. Values given here override the --config file.")
     p.add_argument("--config", help="TrainConfig JSON file")
-    p.add_argument("--data", help="token-shard folder")
+    p.add_argument("--data", nargs="+", help="token-shard folder(s); several are read as one corpus "
+                   "(they must share the manifest)")
     p.add_argument("--out", dest="out_dir", help="output folder (checkpoints, metrics, model)")
     p.add_argument("--init-from", dest="init_from", help="bundle folder or saved model folder to fine-tune")
     p.add_argument("--out-bundle", dest="out_bundle",
@@ -587,6 +588,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args.pop("local_rank")
     base = load_json(args.pop("config")) if args.get("config") else {}
     lora_r = args.pop("lora_r")
+    if args.get("data") is not None and len(args["data"]) == 1:
+        args["data"] = args["data"][0]
     base.update({k: v for k, v in args.items() if v is not None})
     if lora_r is not None:
         base["lora"] = {**(base.get("lora") or {}), "r": lora_r}

@@ -108,6 +108,10 @@ def test_shards_from_another_bundle_are_refused_naming_both_hashes(example: dict
     assert code == 2
     assert ours in err and theirs in err and "tessera tokenize" in err and f"--bundle {other}" in err
     assert not (tmp_path / "run" / "model").exists()
+    # several --data folders are one corpus, checked the same way
+    code = cli(["train", "--init-from", str(other), "--data", str(example["shards"]), str(example["shards"]),
+                "--out", str(tmp_path / "run"), *TRAIN])
+    assert code == 2 and ours in capsys.readouterr().err
 
 
 def test_out_bundle_rules(example: dict[str, Any], tmp_path: Path) -> None:

@@ -170,3 +170,29 @@ def test_modality_tags_weights_and_writer_errors(tmp_path: Path) -> None:
         write_token_shards(docs, tmp_path / "d", "other", manifest=MANIFEST)
     with pytest.raises(ValueError, match="no index.json"):
         TokenShardReader(tmp_path, seq_len=8)
+
+
+def test_several_folders_and_tars_read_as_one_corpus(tmp_path: Path) -> None:
+    first, second = _docs(11, seed=1), _docs(7, seed=2)
+    for d in second:
+        d["ids"] = d["ids"] + 50_000  # tell the two corpora apart
+    write_token_shards(iter(first), tmp_path / "a", HASH, shard_size=4, manifest=MANIFEST | {"size": 60_000})
+    write_token_shards(iter(second), tmp_path / "b", HASH, shard_size=4, manifest=MANIFEST | {"size": 60_000})
+    both = TokenShardReader([tmp_path / "a", tmp_path / "b"], seq_len=8, shuffle=False, loop=False,
+                            expected_manifest_hash=HASH)
+    assert both.n_docs == 18 and both.modalities == ["image"]
+    assert both.index["vocab_size"] == 60_000 and both.index["max_id"] == max(int(d["ids"].max()) for d in second)
+    got = sorted(t for b in both.batches(2) for t in b.targets[b.loss_weight > 0].tolist())
+    want = sorted(int(t) for d in first + second for t, m in zip(d["ids"][1:], d["loss_mask"][1:], strict=True) if m)
+    assert got == want
+    # a folder and a loose .tar of the same vocabulary mix too
+    mixed = TokenShardReader([tmp_path / "a", tmp_path / "b" / "shard-000000.tar"], seq_len=8, loop=False)
+    assert mixed.n_docs == 15 and mixed.modalities is None
+    # another vocabulary is refused, naming each source and its manifest
+    write_token_shards(iter(first), tmp_path / "c", "manifest-cccc", shard_size=4)
+    with pytest.raises(ShardManifestError, match=r"mix manifests: .*a \(manifest-aaaa\).*c \(manifest-cccc\)"):
+        TokenShardReader([tmp_path / "a", tmp_path / "c"], seq_len=8)
+    with pytest.raises(ValueError, match="no such shard or folder"):
+        TokenShardReader([tmp_path / "a", tmp_path / "missing"], seq_len=8)
+    with pytest.raises(ValueError, match="no shards given"):
+        TokenShardReader([], seq_len=8)
