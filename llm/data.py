@@ -339,6 +339,8 @@ class TokenShardReader:
             indexes.append((str(p), {"manifest_hash": hashes.pop() if hashes else None}))
             loose.append(p)
         found = {idx["manifest_hash"] for _, idx in indexes if idx["manifest_hash"] is not None}
+        if not found:
+            raise ValueError(f"{[str(p) for p in paths]} hold no documents; tokenize some data first")
         if len(found) != 1:
             listing = ", ".join(f"{name} ({idx['manifest_hash']})" for name, idx in indexes)
             raise ShardManifestError(f"the shards mix manifests: {listing}; their ids mean different tokens. "
