@@ -18,7 +18,9 @@ scored against their ground truth:
 * **text→speech→text round trip**: the caption spoken by the bundle, transcribed by the
   bundle, word accuracy against the caption.
 
-Tasks whose modality the bundle lacks are skipped; a task that fails (e.g. a tokenizer that
+Every attribute-scored task also reports ``by_attribute``: the accuracy of each attribute
+on its own (for generated media also the object ``count`` and the ``background``), which
+says what a bundle still gets wrong. Tasks whose modality the bundle lacks are skipped; a task that fails (e.g. a tokenizer that
 refuses codes its own spec allows) is reported with its error. Output: JSON (``--json PATH`` too).
 """
 
@@ -79,25 +81,42 @@ def _expected_words(obj: Any) -> dict[str, str]:
     return words
 
 
-def caption_attribute_accuracy(caption: str, scene: Any) -> dict[str, float]:
+def caption_attribute_accuracy(caption: str, scene: Any) -> dict[str, Any]:
     """Fraction of the scene's (object, attribute) pairs a generated caption gets right,
-    ``background`` (named right) and ``exact`` (every attribute, the right number of objects)."""
+    ``background`` (named right), ``exact`` (every attribute, the right number of objects)
+    and ``by_attribute`` (per attribute name, the fraction of objects it is right for)."""
     text = caption.lower()
     background = float(re.search(rf"\b{scene.background}\b background|background is {scene.background}\b", text) is not None)
     clauses = [c.strip() for c in _BACKGROUND.sub(" ", text).split(" and ") if c.strip()]
     expected = [_expected_words(o) for o in scene.attributes]
     total = sum(len(e) for e in expected)
-    best = 0
+    names = list(dict.fromkeys(k for e in expected for k in e))
+    best: dict[str, int] = dict.fromkeys(names, 0)
     for perm in itertools.permutations(range(len(clauses)), min(len(clauses), len(expected))):
-        hits = sum(re.search(rf"\b{re.escape(w)}\b", clauses[j]) is not None
-                   for e, j in zip(expected, perm, strict=False) for w in e.values())  # fewer clauses: some unmatched
-        best = max(best, hits)
-    return {"attributes": best / total, "background": background,
-            "exact": float(best == total and len(clauses) == len(expected) and background == 1.0)}
+        hits = dict.fromkeys(names, 0)
+        for e, j in zip(expected, perm, strict=False):  # fewer clauses: some objects unmatched
+            for k, w in e.items():
+                hits[k] += re.search(rf"\b{re.escape(w)}\b", clauses[j]) is not None
+        if sum(hits.values()) > sum(best.values()):
+            best = hits
+    right = sum(best.values())
+    by_attribute = {k: best[k] / sum(k in e for e in expected) for k in names}
+    return {"attributes": right / total, "background": background,
+            "exact": float(right == total and len(clauses) == len(expected) and background == 1.0),
+            "by_attribute": by_attribute}
 
 
-def _mean(rows: list[dict[str, float]]) -> dict[str, float]:
-    return {k: round(sum(r[k] for r in rows) / len(rows), 4) for k in rows[0]}
+def _mean(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean of each score over the rows; ``by_attribute`` dicts are averaged per attribute
+    over the rows that have it (a clip's attributes depend on its motion)."""
+    out: dict[str, Any] = {k: round(sum(r[k] for r in rows) / len(rows), 4) for k in rows[0] if k != "by_attribute"}
+    if any("by_attribute" in r for r in rows):
+        per: dict[str, list[float]] = {}
+        for r in rows:
+            for k, v in r.get("by_attribute", {}).items():
+                per.setdefault(k, []).append(v)
+        out["by_attribute"] = {k: round(sum(v) / len(v), 4) for k, v in per.items()}
+    return out
 
 
 def _attribute_mean(scores: dict[str, float], names: Sequence[str]) -> float:
@@ -116,13 +135,14 @@ def _score_batch(bundle: Bundle, task: str, needs: str, idx: list[int], visual: 
         scenes = [sample(i) for i in idx]
         media = TextToMediaPipeline(bundle, needs)([s.caption for s in scenes], seed=seed)
         scores = [check(m, s) for m, s in zip(media, scenes, strict=True)]
-        return [{"attribute_accuracy": _attribute_mean(sc, names), "all": sc["all"]} for sc in scores]
+        return [{"attribute_accuracy": _attribute_mean(sc, names), "all": sc["all"],
+                 "by_attribute": {k: v for k, v in sc.items() if k != "all"}} for sc in scores]
     if task in ("image-to-text", "video-to-text"):
         scenes = [visual[needs][0](i) for i in idx]
         captions = MediaToTextPipeline(bundle, needs)([bundle.tokenizers[needs].example(i) for i in idx], seed=seed)
         scores = [caption_attribute_accuracy(c, s) for c, s in zip(captions, scenes, strict=True)]
-        return [{"attribute_accuracy": sc["attributes"], "background": sc["background"], "exact_match": sc["exact"]}
-                for sc in scores]
+        return [{"attribute_accuracy": sc["attributes"], "background": sc["background"], "exact_match": sc["exact"],
+                 "by_attribute": sc["by_attribute"]} for sc in scores]
     references = [caption_for_seed(i) for i in idx]
     if task == "speech-to-text":
         audio = [bundle.tokenizers["speech"].example(i) for i in idx]

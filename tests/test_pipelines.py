@@ -138,12 +138,25 @@ def test_eval_metrics_score_captions_and_transcripts() -> None:
     assert word_accuracy("", "two words") == 0.0
     for seed in range(12):  # the ground-truth caption scores perfectly, under any template
         for scene in (sample_image_scene(seed), sample_video_scene(seed)):
-            assert caption_attribute_accuracy(scene.caption, scene) == {"attributes": 1.0, "background": 1.0, "exact": 1.0}
-    scene = sample_image_scene(2)
+            score = caption_attribute_accuracy(scene.caption, scene)
+            assert score.pop("by_attribute") == dict.fromkeys(score_names(scene), 1.0)
+            assert score == {"attributes": 1.0, "background": 1.0, "exact": 1.0}
+    scene = next(s for s in map(sample_image_scene, range(100)) if len(s.attributes) == 2
+                 and s.attributes[0].colour != s.attributes[1].colour)
     obj = scene.attributes[0]
-    wrong = scene.caption.replace(obj.colour, "green" if obj.colour != "green" else "red")
-    assert caption_attribute_accuracy(wrong, scene)["attributes"] == pytest.approx(1 - 1 / (4 * len(scene.attributes)))
-    assert caption_attribute_accuracy("nothing useful", scene)["attributes"] == 0.0
+    wrong = scene.caption.replace(obj.colour, "green" if obj.colour != "green" else "red", 1)
+    score = caption_attribute_accuracy(wrong, scene)
+    assert score["attributes"] == pytest.approx(1 - 1 / 8) and score["exact"] == 0.0
+    assert score["by_attribute"] == {"shape": 1.0, "colour": 0.5, "size": 1.0, "position": 1.0}
+    nothing = caption_attribute_accuracy("nothing useful", scene)
+    assert nothing["attributes"] == 0.0 and set(nothing["by_attribute"].values()) == {0.0}
+
+
+def score_names(scene) -> list[str]:
+    """The attribute names a scene's caption is scored on (motion adds some for clips)."""
+    from tessera.pipelines.evaluate import _expected_words
+
+    return list(dict.fromkeys(k for o in scene.attributes for k in _expected_words(o)))
 
 
 def test_tiny_bundle_of_the_builtin_plugins_serves_every_task(tmp_path) -> None:
