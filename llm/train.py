@@ -561,21 +561,31 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out-bundle", dest="out_bundle",
                    help="with a bundle in --init-from: the new bundle's folder (default: OUT/bundle)")
     p.add_argument("--model", help="LLM preset (debug, cpu-small, 150m, 400m, 1b)")
-    p.add_argument("--eval-data", dest="eval_data")
-    p.add_argument("--seq-len", dest="seq_len", type=int)
-    p.add_argument("--micro-batch", dest="micro_batch", type=int)
-    p.add_argument("--grad-accum", dest="grad_accum", type=int)
-    p.add_argument("--global-batch", dest="global_batch", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--min-lr", dest="min_lr", type=float)
-    p.add_argument("--warmup-steps", dest="warmup_steps", type=int)
-    p.add_argument("--max-steps", dest="max_steps", type=int)
-    p.add_argument("--precision", choices=_PRECISIONS)
-    p.add_argument("--zero-stage", dest="zero_stage", type=int, choices=(0, 1, 2, 3))
-    p.add_argument("--deepspeed-config", dest="deepspeed_config")
-    p.add_argument("--eval-every", dest="eval_every", type=int)
-    p.add_argument("--save-every", dest="save_every", type=int)
-    p.add_argument("--seed", type=int)
+    p.add_argument("--eval-data", dest="eval_data", help="held-out token-shard folder: eval loss every --eval-every "
+                   "steps and at the end")
+    p.add_argument("--seq-len", dest="seq_len", type=int, help="tokens per packed training row (default: the "
+                   "model's max_seq_len)")
+    p.add_argument("--micro-batch", dest="micro_batch", type=int, help="rows per process per forward pass (4)")
+    p.add_argument("--grad-accum", dest="grad_accum", type=int, help="micro-batches per optimizer step (1)")
+    p.add_argument("--global-batch", dest="global_batch", type=int, help="rows per optimizer step; must equal "
+                   "micro-batch x grad-accum x world size (checked up front)")
+    p.add_argument("--lr", type=float, help="peak learning rate after warmup (3e-4)")
+    p.add_argument("--min-lr", dest="min_lr", type=float, help="where the cosine schedule ends (3e-5)")
+    p.add_argument("--warmup-steps", dest="warmup_steps", type=int, help="linear warmup steps (100)")
+    p.add_argument("--max-steps", dest="max_steps", type=int, help="optimizer steps in all; a resumed run "
+                   "continues to this count (1000)")
+    p.add_argument("--precision", choices=_PRECISIONS, help="fp32 (default) or bf16 autocast")
+    p.add_argument("--zero-stage", dest="zero_stage", type=int, choices=(0, 1, 2, 3),
+                   help="DeepSpeed ZeRO stage: picks llm/configs/zero{N}.json (0)")
+    p.add_argument("--deepspeed-config", dest="deepspeed_config", help="your own DeepSpeed JSON config "
+                   "(e.g. llm/configs/zero3_offload.json)")
+    p.add_argument("--eval-every", dest="eval_every", type=int, help="steps between evals (0: only at the end)")
+    p.add_argument("--save-every", dest="save_every", type=int, help="steps between checkpoints; a killed run "
+                   "resumes from the last (0: only at the end)")
+    p.add_argument("--seed", type=int, help="data order and initialisation seed (0)")
+    p.add_argument("--loss-weight", dest="loss_weight", action="append", metavar="NAME=W",
+                   help="weight of 'text' or a modality's target tokens in the loss (repeatable; default 1), "
+                   "e.g. --loss-weight text=2 --loss-weight speech=0.5")
     p.add_argument("--lora-r", dest="lora_r", type=int, help="enable LoRA with this rank")
     p.add_argument("--no-resume", dest="resume", action="store_const", const=False)
     p.add_argument("--no-progress", dest="progress", action="store_const", const=False)
@@ -583,14 +593,33 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _loss_weights(items: Sequence[str]) -> dict[str, float]:
+    """``["text=2", "speech=0.5"]`` → ``{"text": 2.0, "speech": 0.5}``; a malformed item exits with a message."""
+    out: dict[str, float] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = float("nan")
+        if not sep or not name.strip() or not (math.isfinite(weight) and weight >= 0):
+            raise SystemExit(f"tessera train: --loss-weight {item!r} is not NAME=W with W >= 0; give e.g. "
+                             f"--loss-weight text=2 (NAME is 'text' or a modality of the shards' manifest)")
+        out[name.strip()] = weight
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = vars(_parser().parse_args(argv))
     args.pop("local_rank")
     base = load_json(args.pop("config")) if args.get("config") else {}
     lora_r = args.pop("lora_r")
+    weights = _loss_weights(args.pop("loss_weight") or [])
     if args.get("data") is not None and len(args["data"]) == 1:
         args["data"] = args["data"][0]
     base.update({k: v for k, v in args.items() if v is not None})
+    if weights:
+        base["loss_weights"] = {**(base.get("loss_weights") or {}), **weights}
     if lora_r is not None:
         base["lora"] = {**(base.get("lora") or {}), "r": lora_r}
     for key in ("data", "out_dir"):

@@ -245,3 +245,17 @@ def test_bf16_under_zero1_trains_and_reports_grad_norm(corpus: Path, tmp_path: P
     assert rows[-1]["loss"] < rows[0]["loss"] - 0.5, rows
     model = TesseraLM.from_pretrained(result["model_dir"], expected_manifest_hash=MANIFEST["hash"])
     assert torch.isfinite(model(torch.randint(1, V, (1, 16)))).all()
+
+
+def test_command_line_loss_weights_merge_over_the_config_file(tmp_path: Path, monkeypatch: Any) -> None:
+    from tessera.llm import train as train_mod
+
+    seen: list[Any] = []
+    monkeypatch.setattr(train_mod, "train", lambda config: seen.append(config) or {"steps": 0})
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"data": "d", "out_dir": "o", "loss_weights": {"text": 3.0, "image": 0.5}}))
+    train_mod.main(["--config", str(config), "--loss-weight", "text=2", "--loss-weight", "speech=0"])
+    assert seen[0].loss_weights == {"text": 2.0, "image": 0.5, "speech": 0.0}
+    for bad in ("text", "=2", "text=-1", "text=nan", "text=inf", "text=two"):
+        with pytest.raises(SystemExit, match="NAME=W"):
+            train_mod.main(["--data", "d", "--out", "o", "--loss-weight", bad])
