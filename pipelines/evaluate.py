@@ -92,13 +92,15 @@ def caption_attribute_accuracy(caption: str, scene: Any) -> dict[str, Any]:
     total = sum(len(e) for e in expected)
     names = list(dict.fromkeys(k for e in expected for k in e))
     best: dict[str, int] = dict.fromkeys(names, 0)
-    for perm in itertools.permutations(range(len(clauses)), min(len(clauses), len(expected))):
-        hits = dict.fromkeys(names, 0)
-        for e, j in zip(expected, perm, strict=False):  # fewer clauses: some objects unmatched
-            for k, w in e.items():
-                hits[k] += re.search(rf"\b{re.escape(w)}\b", clauses[j]) is not None
-        if sum(hits.values()) > sum(best.values()):
-            best = hits
+    m = min(len(clauses), len(expected))  # objects matched to distinct clauses; the rest score nothing
+    for objects in itertools.combinations(range(len(expected)), m):
+        for perm in itertools.permutations(range(len(clauses)), m):
+            hits = dict.fromkeys(names, 0)
+            for i, j in zip(objects, perm, strict=True):
+                for k, w in expected[i].items():
+                    hits[k] += re.search(rf"\b{re.escape(w)}\b", clauses[j]) is not None
+            if sum(hits.values()) > sum(best.values()):
+                best = hits
     right = sum(best.values())
     by_attribute = {k: best[k] / sum(k in e for e in expected) for k in names}
     return {"attributes": right / total, "background": background,

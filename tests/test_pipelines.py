@@ -148,6 +148,11 @@ def test_eval_metrics_score_captions_and_transcripts() -> None:
     score = caption_attribute_accuracy(wrong, scene)
     assert score["attributes"] == pytest.approx(1 - 1 / 8) and score["exact"] == 0.0
     assert score["by_attribute"] == {"shape": 1.0, "colour": 0.5, "size": 1.0, "position": 1.0}
+    from tessera.pipelines.evaluate import _expected_words
+
+    only_second = "a " + " ".join(_expected_words(scene.attributes[1]).values())  # one clause, for object 2
+    score = caption_attribute_accuracy(only_second, scene)
+    assert score["attributes"] == pytest.approx(0.5) and set(score["by_attribute"].values()) == {0.5}
     nothing = caption_attribute_accuracy("nothing useful", scene)
     assert nothing["attributes"] == 0.0 and set(nothing["by_attribute"].values()) == {0.0}
 
