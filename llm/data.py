@@ -38,6 +38,7 @@ the DataLoader's round-robin order then restores the step order exactly.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -58,6 +59,7 @@ __all__ = [
     "TokenDoc",
     "PackedBatch",
     "TokenShardReader",
+    "describe_sources",
     "ShardManifestError",
     "write_token_shards",
     "step_batches",
@@ -207,6 +209,11 @@ def write_token_shards(
     return [out / s["name"] for s in shards]
 
 
+def describe_sources(path: str | os.PathLike | Sequence[str | os.PathLike]) -> str:
+    """One shard source, or several joined with commas, for messages."""
+    return str(path) if isinstance(path, (str, os.PathLike)) else ", ".join(map(str, path))
+
+
 def _iter_tar(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Yield (key, {extension: bytes}) per webdataset sample, in file order."""
     key: str | None = None
@@ -295,8 +302,8 @@ class TokenShardReader:
         self.manifest_hash: str = self.index["manifest_hash"]
         if expected_manifest_hash is not None and expected_manifest_hash != self.manifest_hash:
             raise ShardManifestError(
-                f"token shards {path} were made with manifest {self.manifest_hash}, but the model uses "
-                f"manifest {expected_manifest_hash}; their ids mean different tokens. Re-tokenize the data "
+                f"token shards {describe_sources(path)} were made with manifest {self.manifest_hash}, but the "
+                f"model uses manifest {expected_manifest_hash}; their ids mean different tokens. Re-tokenize the data "
                 f"with the model's vocabulary (or train the model that matches these shards)")
         self.modalities: list[str] | None = self.index.get("modalities")
         self.n_docs = sum(self.counts)
@@ -315,47 +322,66 @@ class TokenShardReader:
             raise ValueError("no shards given; pass a token-shard folder or .tar files")
         paths: list[Path] = []
         counts: list[int] = []
+        tokens: list[int] = []
         indexes: list[tuple[str, dict[str, Any]]] = []
-        loose: list[Path] = []
         for src in sources:
             if Path(src).is_dir():
                 folder, index = Path(src), TokenShardReader._folder_index(Path(src))
                 paths += [folder / s["name"] for s in index["shards"]]
                 counts += [s["docs"] for s in index["shards"]]
+                tokens += [s.get("tokens", 0) for s in index["shards"]]
                 indexes.append((str(folder), index))
                 continue
             p = Path(src)
             if not p.is_file():
                 raise ValueError(f"{p}: no such shard or folder; pass token-shard folders or existing .tar files")
-            n, hashes = 0, set()
-            for _, files in _iter_tar(p):
-                hashes.add(json.loads(files["meta.json"])["manifest_hash"])
-                n += 1
-            if len(hashes) > 1:
-                raise ShardManifestError(f"shard {p} mixes manifests {sorted(hashes)}; train on shards of one "
-                                         f"vocabulary")
+            index = TokenShardReader._tar_index(p)
             paths.append(p)
-            counts.append(n)
-            indexes.append((str(p), {"manifest_hash": hashes.pop() if hashes else None}))
-            loose.append(p)
+            counts.append(index["docs"])
+            tokens.append(index["tokens"])
+            indexes.append((str(p), index))
+        seen: dict[Path, int] = {}
+        for i, p in enumerate(paths):
+            j = seen.setdefault(p.resolve(), i)
+            if j != i:
+                raise ValueError(f"shard {p} is given twice (also as {paths[j]}); its documents would be trained "
+                                 f"on twice per epoch. Pass each shard folder or .tar file once")
         found = {idx["manifest_hash"] for _, idx in indexes if idx["manifest_hash"] is not None}
         if not found:
-            raise ValueError(f"{[str(p) for p in paths]} hold no documents; tokenize some data first")
+            raise ValueError(f"{', '.join(name for name, _ in indexes)} hold no documents; tokenize some data first")
         if len(found) != 1:
-            listing = ", ".join(f"{name} ({idx['manifest_hash']})" for name, idx in indexes)
+            listing = ", ".join(f"{name} ({idx['manifest_hash'] or 'no documents'})" for name, idx in indexes)
             raise ShardManifestError(f"the shards mix manifests: {listing}; their ids mean different tokens. "
                                      f"Train on shards of one vocabulary (re-tokenize the odd ones out)")
-        if len(indexes) == 1 and not loose:
-            return paths, counts, indexes[0][1]
-        folder_idx = [idx for _, idx in indexes if "format" in idx]
-        merged: dict[str, Any] = {"manifest_hash": found.pop(), "shards": [], "docs": sum(counts)}
-        modalities = {tuple(idx.get("modalities") or ()) for idx in folder_idx}
-        merged["modalities"] = list(modalities.pop()) or None if len(modalities) == 1 and not loose else None
-        if folder_idx and not loose:
-            merged["max_id"] = max(idx.get("max_id", -1) for idx in folder_idx)
-            sizes = {idx.get("vocab_size") for idx in folder_idx}
-            merged["vocab_size"] = sizes.pop() if len(sizes) == 1 else None
+        # sources of one manifest share its vocabulary and modalities: take them from any index that records them
+        recorded = [idx for _, idx in indexes]
+        merged: dict[str, Any] = {
+            **(indexes[0][1] if len(indexes) == 1 else {}), "manifest_hash": found.pop(), "docs": sum(counts),
+            "modalities": next((idx["modalities"] for idx in recorded if idx.get("modalities")), None),
+            "vocab_size": next((idx["vocab_size"] for idx in recorded if idx.get("vocab_size") is not None), None),
+            "max_id": max(idx.get("max_id", -1) for idx in recorded),
+            "fingerprint": hashlib.sha256(json.dumps([counts, tokens]).encode()).hexdigest()[:16]}
         return paths, counts, merged
+
+    @staticmethod
+    def _tar_index(p: Path) -> dict[str, Any]:
+        """What a folder's index says, read off one loose ``.tar`` (every sample is read)."""
+        n, n_tokens, max_id, hashes = 0, 0, -1, set()
+        try:
+            for key, files in _iter_tar(p):
+                if "meta.json" not in files or "ids.npy" not in files:
+                    raise ValueError(f"{p}: sample {key!r} has no meta.json/ids.npy; it is not a token shard "
+                                     f"written by write_token_shards (or `tessera tokenize`)")
+                hashes.add(json.loads(files["meta.json"])["manifest_hash"])
+                ids = _load_npy(files["ids.npy"])
+                n, n_tokens, max_id = n + 1, n_tokens + len(ids), max(max_id, int(ids.max()) if len(ids) else -1)
+        except tarfile.TarError as e:
+            raise ValueError(f"{p} is not a readable .tar ({e}); pass token-shard folders or the .tar files "
+                             f"that write_token_shards wrote") from e
+        if len(hashes) > 1:
+            raise ShardManifestError(f"shard {p} mixes manifests {sorted(hashes)}; train on shards of one "
+                                     f"vocabulary")
+        return {"manifest_hash": hashes.pop() if hashes else None, "docs": n, "tokens": n_tokens, "max_id": max_id}
 
     @staticmethod
     def _folder_index(folder: Path) -> dict[str, Any]:
@@ -373,7 +399,7 @@ class TokenShardReader:
     def state_dict(self) -> dict[str, Any]:
         return {"version": _STATE_VERSION, "seed": self.seed, "seq_len": self.seq_len, "shuffle": self.shuffle,
                 "shuffle_buffer": self.buffer, "n_docs": self.n_docs, "epoch": self.epoch,
-                "cursor": self.cursor, "offset": self.offset}
+                "cursor": self.cursor, "offset": self.offset, "fingerprint": self.index["fingerprint"]}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         for k in ("seed", "seq_len", "shuffle", "shuffle_buffer", "n_docs"):
@@ -381,6 +407,11 @@ class TokenShardReader:
                 raise ValueError(f"reader state has {k}={state.get(k)!r} but this reader has "
                                  f"{getattr(self, {'shuffle_buffer': 'buffer'}.get(k, k))!r}; resume with the "
                                  f"same data and data settings as the saved run")
+        saved = state.get("fingerprint")  # absent in states saved before it was recorded
+        if saved is not None and saved != self.index["fingerprint"]:
+            raise ValueError(f"reader state was saved on other shards (fingerprint {saved}, these are "
+                             f"{self.index['fingerprint']}: documents and tokens per shard, in the order given); "
+                             f"resume with the same --data sources in the same order as the saved run")
         self.epoch, self.cursor, self.offset = int(state["epoch"]), int(state["cursor"]), int(state["offset"])
 
     # ---- document order ----
@@ -413,7 +444,14 @@ class TokenShardReader:
         ids = _load_npy(files["ids.npy"]).astype(np.int64)
         mask = _load_npy(files["mask.npy"]).astype(np.float32)
         weight = mask * _load_npy(files["weight.npy"]) if "weight.npy" in files else mask
-        tags = _load_npy(files["modality.npy"]) if "modality.npy" in files else np.zeros(len(ids), np.uint8)
+        if "modality.npy" in files and self.modalities:
+            tags = _load_npy(files["modality.npy"])
+            if len(tags) and int(tags.max()) > len(self.modalities):
+                raise ValueError(f"{shard} sample {key} tags a token with modality {int(tags.max())}, but the "
+                                 f"shards' index names {len(self.modalities)} modalities {self.modalities}; "
+                                 f"the shard or its {INDEX_NAME} is out of date, rewrite the shards")
+        else:  # no modality names to weigh by (shards written without a manifest, or loose .tar files only)
+            tags = np.zeros(len(ids), np.uint8)
         return TokenDoc(ids=ids, loss_weight=weight, modality=tags)
 
     def _doc(self, epoch: int, cursor: int) -> TokenDoc:

@@ -52,7 +52,7 @@ from torch import Tensor
 
 from ..core.checkpoint import CheckpointError, atomic_write_bytes, load_json, save_json
 from ..core.training import MetricsLog, seed_everything
-from .data import PackedBatch, TokenShardReader, step_batches
+from .data import PackedBatch, TokenShardReader, describe_sources, step_batches
 from .lora import LoraOptions, apply_lora, merge_lora, save_adapter
 from .model import LLMConfig, TesseraLM
 
@@ -304,8 +304,8 @@ def _build_model(config: TrainConfig, reader: TokenShardReader) -> tuple[Tessera
         manifest = read_vocab(config.init_from).manifest()
         if manifest["hash"] != reader.manifest_hash:
             raise ValueError(
-                f"{config.data} was tokenized with manifest {reader.manifest_hash}, but the bundle {config.init_from} "
-                f"has manifest {manifest['hash']}; its token ids would mean other things to this LLM. Re-tokenize "
+                f"{describe_sources(config.data)} was tokenized with manifest {reader.manifest_hash}, but the "
+                f"bundle {config.init_from} has manifest {manifest['hash']}; its token ids would mean other things to this LLM. Re-tokenize "
                 f"with that bundle: `tessera tokenize DATA --bundle {config.init_from} --out NEW_SHARDS`")
         return TesseraLM.from_pretrained(Path(config.init_from) / "llm", expected_manifest=manifest), manifest["hash"]
     if config.init_from is not None:
@@ -313,8 +313,8 @@ def _build_model(config: TrainConfig, reader: TokenShardReader) -> tuple[Tessera
         return model, reader.manifest_hash
     vocab = config.vocab_size or reader.index.get("vocab_size")
     if vocab is None:
-        raise ValueError(f"{config.data}: the shards do not record a vocabulary size (written without a manifest); "
-                         f"set TrainConfig.vocab_size to the vocabulary's size")
+        raise ValueError(f"{describe_sources(config.data)}: the shards do not record a vocabulary size (written "
+                         f"without a manifest); set TrainConfig.vocab_size to the vocabulary's size")
     llm = LLMConfig.from_dict(config.model_config) if config.model_config else LLMConfig.preset(config.model, vocab)
     return TesseraLM(llm), reader.manifest_hash
 
@@ -421,8 +421,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
         raise ValueError(f"seq_len={seq_len} exceeds the model's max_seq_len={model.config.max_seq_len}; "
                          f"lower seq_len or use a model with longer context")
     if reader.index.get("max_id", -1) >= model.config.vocab_size:
-        raise ValueError(f"{config.data} holds id {reader.index['max_id']} but the model's vocabulary has "
-                         f"{model.config.vocab_size} ids; resize the model (resize_vocab) or re-tokenize")
+        raise ValueError(f"{describe_sources(config.data)} holds id {reader.index['max_id']} but the model's "
+                         f"vocabulary has {model.config.vocab_size} ids; resize the model (resize_vocab) or re-tokenize")
     reader = TokenShardReader(config.data, seq_len=seq_len, expected_manifest_hash=manifest_hash,
                               seed=config.seed, shuffle_buffer=config.shuffle_buffer)
     tag_weight = _tag_weights(config, reader.modalities)
@@ -554,7 +554,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tessera train", description="Train or fine-tune the Tessera LLM "
                                 "through DeepSpeed. Values given here override the --config file.")
     p.add_argument("--config", help="TrainConfig JSON file")
-    p.add_argument("--data", nargs="+", help="token-shard folder(s); several are read as one corpus "
+    p.add_argument("--data", nargs="+", action="extend", help="token-shard folder(s); several are read as one corpus "
                    "(they must share the manifest)")
     p.add_argument("--out", dest="out_dir", help="output folder (checkpoints, metrics, model)")
     p.add_argument("--init-from", dest="init_from", help="bundle folder or saved model folder to fine-tune")

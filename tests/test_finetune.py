@@ -108,10 +108,13 @@ def test_shards_from_another_bundle_are_refused_naming_both_hashes(example: dict
     assert code == 2
     assert ours in err and theirs in err and "tessera tokenize" in err and f"--bundle {other}" in err
     assert not (tmp_path / "run" / "model").exists()
-    # several --data folders are one corpus, checked the same way
-    code = cli(["train", "--init-from", str(other), "--data", str(example["shards"]), str(example["shards"]),
+    # several --data sources (repeated flags add up) are one corpus, checked the same way
+    copy = tmp_path / "copy.tar"
+    copy.write_bytes(next(Path(example["shards"]).glob("*.tar")).read_bytes())
+    code = cli(["train", "--init-from", str(other), "--data", str(example["shards"]), "--data", str(copy),
                 "--out", str(tmp_path / "run"), *TRAIN])
-    assert code == 2 and ours in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert code == 2 and ours in err and f"{example['shards']}, {copy}" in err
 
 
 def test_out_bundle_rules(example: dict[str, Any], tmp_path: Path) -> None:

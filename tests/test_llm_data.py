@@ -187,7 +187,25 @@ def test_several_folders_and_tars_read_as_one_corpus(tmp_path: Path) -> None:
     assert got == want
     # a folder and a loose .tar of the same vocabulary mix too
     mixed = TokenShardReader([tmp_path / "a", tmp_path / "b" / "shard-000000.tar"], seq_len=8, loop=False)
-    assert mixed.n_docs == 15 and mixed.modalities is None
+    assert mixed.n_docs == 15 and mixed.modalities == ["image"] and mixed.index["vocab_size"] == 60_000
+    assert mixed.index["max_id"] == max(int(d["ids"].max()) for d in second[:4])  # read off the loose .tar
+    assert all(int(b.modality.max()) <= 1 for b in mixed.batches(2))
+    loose = TokenShardReader([tmp_path / "b" / "shard-000000.tar", tmp_path / "b" / "shard-000001.tar"], seq_len=8,
+                             loop=False)  # loose .tar files alone name no modalities: every token weighs as text
+    assert loose.modalities is None and all(int(b.modality.max()) == 0 for b in loose.batches(2))
+    # a source given twice (however spelled) would be trained on twice per epoch
+    for twice in ([tmp_path / "a", tmp_path / "a"], [tmp_path / "a", tmp_path / "x" / ".." / "a" / "shard-000000.tar"]):
+        (tmp_path / "x").mkdir(exist_ok=True)
+        with pytest.raises(ValueError, match="given twice"):
+            TokenShardReader(twice, seq_len=8)
+    (tmp_path / "notes.tar").write_text("not a tar")
+    with pytest.raises(ValueError, match="notes.tar is not a readable .tar"):
+        TokenShardReader([tmp_path / "a", tmp_path / "notes.tar"], seq_len=8)
+    # a saved position belongs to its sources, in their order
+    state = both.state_dict()
+    TokenShardReader([tmp_path / "a", tmp_path / "b"], seq_len=8, shuffle=False).load_state_dict(state)
+    with pytest.raises(ValueError, match="same --data sources in the same order"):
+        TokenShardReader([tmp_path / "b", tmp_path / "a"], seq_len=8, shuffle=False).load_state_dict(state)
     # another vocabulary is refused, naming each source and its manifest
     write_token_shards(iter(first), tmp_path / "c", "manifest-cccc", shard_size=4)
     with pytest.raises(ShardManifestError, match=r"mix manifests: .*a \(manifest-aaaa\).*c \(manifest-cccc\)"):
