@@ -110,7 +110,10 @@ def caption_attribute_accuracy(caption: str, scene: Any) -> dict[str, Any]:
 
 def _mean(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Mean of each score over the rows; ``by_attribute`` dicts are averaged per attribute
-    over the rows that have it (a clip's attributes depend on its motion)."""
+    over the rows that have it (a clip's attributes depend on its motion). A mean over
+    scenes, not objects. For media→text an attribute counts only objects that have it;
+    the text→video checker scores ``direction``/``end_colour`` of every object (a still one
+    is right when the clip shows none), so those two read higher there."""
     out: dict[str, Any] = {k: round(sum(r[k] for r in rows) / len(rows), 4) for k in rows[0] if k != "by_attribute"}
     if any("by_attribute" in r for r in rows):
         per: dict[str, list[float]] = {}
