@@ -6,7 +6,10 @@ Measures
   * training tokens/s, fp32 and bf16 autocast: forward + cross-entropy + backward + AdamW step,
     and MFU against the matmul peak measured in this run;
   * greedy generation tokens/s at batch 1 and batch 8 with a KV cache, against
-    ``transformers`` ``generate`` (``min_new_tokens`` = ``max_new_tokens``, so equal lengths);
+    ``transformers`` ``generate`` (``min_new_tokens`` = ``max_new_tokens``, so equal lengths),
+    ours both eager and with ``compile=True`` (``torch.compile`` of the decode step, compiled
+    in the warm-up call, outside the timing; ``--no-compile`` skips it), theirs as
+    ``transformers`` ships it;
   * the cost of grammar-constrained decoding (``tessera.core.grammar``) over unconstrained.
 
 Time is this process's CPU time by default (``--clock cpu``): on a machine shared with
@@ -143,6 +146,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--preset", default=None, help="LLMConfig preset (default cpu-small)")
     parser.add_argument("--only", default="train,generate,grammar",
                         help="comma-separated sections to run: train, generate, grammar")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time our generation with compile=True (torch.compile of the decode step; "
+                             "needs a C++ compiler, tens of seconds to compile)")
     parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
                         help="cpu: process CPU time (robust on a shared machine); wall: wall-clock time")
     args = parser.parse_args(argv)
@@ -203,8 +209,8 @@ def main(argv: list[str] | None = None) -> dict:
         prompt = torch.randint(0, vocab.text_size, (batch, s.prompt_len))
         n = s.new_tokens
 
-        def run_ours(prompt: torch.Tensor = prompt, n: int = n) -> torch.Tensor:
-            return torch.stack(generate(ours, list(prompt), max_new_tokens=n, sampling=GREEDY))
+        def run_ours(prompt: torch.Tensor = prompt, n: int = n, compile: bool = False) -> torch.Tensor:
+            return torch.stack(generate(ours, list(prompt), max_new_tokens=n, sampling=GREEDY, compile=compile))
 
         def run_hf(prompt: torch.Tensor = prompt, n: int = n) -> torch.Tensor:
             with torch.inference_mode():
@@ -213,13 +219,25 @@ def main(argv: list[str] | None = None) -> dict:
                                       eos_token_id=vocab.eos_id)
             return out[:, prompt.shape[1]:]
 
-        ours_tokens, hf_tokens = run_ours(), run_hf()
-        same = torch.equal(ours_tokens, hf_tokens)
-        note = "" if same else f" ({near_tie(ours, theirs, prompt, ours_tokens, hf_tokens, vocab.eos_id)})"
-        secs = interleaved({"ours": run_ours, "hf": run_hf}, s.repeats)
+        fns: dict[str, Callable[[], object]] = {"ours": run_ours, "hf": run_hf}
+        if args.compile:  # the warm-up call of interleaved() compiles, outside the timing
+            fns["ours_compiled"] = lambda prompt=prompt, n=n: run_ours(prompt, n, compile=True)
+        hf_tokens = run_hf()
+        same, notes = {}, {}
+        for name in fns.keys() - {"hf"}:
+            tokens = fns[name]()
+            same[name] = torch.equal(tokens, hf_tokens)
+            notes[name] = "" if same[name] else f" ({near_tie(ours, theirs, prompt, tokens, hf_tokens, vocab.eos_id)})"
+        secs = interleaved(fns, s.repeats)
         tps = {k: batch * n / v for k, v in secs.items()}
-        results[f"generate_b{batch}"] = {"tokens_per_s": tps, "same_tokens": same, "note": note.strip(" ()")}
-        row(f"generate b{batch} tokens/s{note}", tps["ours"], tps["hf"], target)
+        results[f"generate_b{batch}"] = {"tokens_per_s": tps, "same_tokens": same,
+                                         "note": {k: v.strip(" ()") for k, v in notes.items()}}
+        if args.compile:
+            row(f"generate b{batch} tokens/s, eager{notes['ours']}", tps["ours"], tps["hf"], "")
+            row(f"generate b{batch} tokens/s, compiled{notes['ours_compiled']}", tps["ours_compiled"], tps["hf"],
+                target)
+        else:
+            row(f"generate b{batch} tokens/s{notes['ours']}", tps["ours"], tps["hf"], target)
 
     # 3. grammar-constrained vs unconstrained decoding (inside an image span)
     grammar = Grammar.from_manifest(vocab.manifest())

@@ -50,13 +50,14 @@ class Linear(nn.Linear):
     transposed copy of its weight, made on first use and remade whenever the weight
     changes (another tensor, or written in place: its version counter moves). The copy
     doubles the weight memory while it lives; :meth:`TesseraLM.drop_decode_copies` frees it.
-    Training, autograd and the GPU always take ``F.linear``."""
+    Training, autograd, the GPU and ``torch.compile`` (whose generated code multiplies by
+    the weight as it is) always take ``F.linear``."""
 
     FEW_ROWS = 16
 
     def forward(self, x: Tensor) -> Tensor:
-        if (x.device.type == "cpu" and torch.is_inference_mode_enabled() and not self.weight.is_inference()
-                and x.numel() <= self.FEW_ROWS * x.shape[-1]):
+        if (not torch.compiler.is_compiling() and x.device.type == "cpu" and torch.is_inference_mode_enabled()
+                and not self.weight.is_inference() and x.numel() <= self.FEW_ROWS * x.shape[-1]):
             y = x @ self._transposed()
             return y if self.bias is None else y + self.bias
         return F.linear(x, self.weight, self.bias)
