@@ -437,13 +437,27 @@ class TokenShardReader:
         return docs
 
     def _decode(self, shard: Path, key: str, files: dict[str, bytes]) -> TokenDoc:
-        meta = json.loads(files["meta.json"])
+        missing = [name for name in ("meta.json", "ids.npy", "mask.npy") if name not in files]
+        if missing:
+            raise ValueError(f"{shard} sample {key!r} has no {', '.join(missing)}; it is not a token shard written "
+                             f"by write_token_shards (or `tessera tokenize`): rewrite that shard")
+        try:
+            meta = json.loads(files["meta.json"])
+            ids = _load_npy(files["ids.npy"]).astype(np.int64)
+            mask = _load_npy(files["mask.npy"]).astype(np.float32)
+            weight = mask * _load_npy(files["weight.npy"]) if "weight.npy" in files else mask
+        except (ValueError, OSError, EOFError) as e:  # bad JSON, a truncated or non-numeric .npy, mismatched shapes
+            raise ValueError(f"{shard} sample {key!r} is corrupt ({type(e).__name__}: {e}); rewrite that "
+                             f"shard") from e
+        if not isinstance(meta, dict) or "manifest_hash" not in meta:
+            raise ValueError(f"{shard} sample {key!r}: its meta.json {meta!r} has no manifest_hash; rewrite that "
+                             f"shard with write_token_shards (or `tessera tokenize`)")
         if meta["manifest_hash"] != self.manifest_hash:
             raise ShardManifestError(f"{shard} sample {key} was made with manifest {meta['manifest_hash']}, "
                                      f"the shards' index says {self.manifest_hash}; rewrite the shards")
-        ids = _load_npy(files["ids.npy"]).astype(np.int64)
-        mask = _load_npy(files["mask.npy"]).astype(np.float32)
-        weight = mask * _load_npy(files["weight.npy"]) if "weight.npy" in files else mask
+        if ids.ndim != 1 or mask.shape != ids.shape or weight.shape != ids.shape:
+            raise ValueError(f"{shard} sample {key!r}: ids {ids.shape}, mask {mask.shape} and weight "
+                             f"{weight.shape} must be one 1-D length; rewrite that shard")
         if "modality.npy" in files and self.modalities:
             tags = _load_npy(files["modality.npy"])
             if len(tags) and int(tags.max()) > len(self.modalities):

@@ -214,3 +214,43 @@ def test_several_folders_and_tars_read_as_one_corpus(tmp_path: Path) -> None:
         TokenShardReader([tmp_path / "a", tmp_path / "missing"], seq_len=8)
     with pytest.raises(ValueError, match="no shards given"):
         TokenShardReader([], seq_len=8)
+
+
+def test_broken_samples_in_a_shard_are_named_not_a_bare_key_error(tmp_path: Path) -> None:
+    """A sample missing a member, with a corrupt .npy or meta.json, or with ids and mask of
+    different lengths is refused naming the shard, the sample and the fix."""
+    import io
+    import tarfile
+
+    def npy(a: np.ndarray) -> bytes:
+        buf = io.BytesIO()
+        np.save(buf, a)
+        return buf.getvalue()
+
+    good_meta = b'{"manifest_hash": "%s", "n_tokens": 3}' % HASH.encode()
+    cases = {
+        "no mask.npy": ({"meta.json": good_meta, "ids.npy": npy(np.arange(3))}, "has no mask.npy"),
+        "truncated ids": ({"meta.json": good_meta, "ids.npy": npy(np.arange(3))[:-7],
+                           "mask.npy": npy(np.ones(3))}, "is corrupt"),
+        "bad meta": ({"meta.json": b"{not json", "ids.npy": npy(np.arange(3)), "mask.npy": npy(np.ones(3))},
+                     "is corrupt"),
+        "meta without hash": ({"meta.json": b"{}", "ids.npy": npy(np.arange(3)), "mask.npy": npy(np.ones(3))},
+                              "has no manifest_hash"),
+        "short mask": ({"meta.json": good_meta, "ids.npy": npy(np.arange(3)), "mask.npy": npy(np.ones(2))},
+                       "must be one 1-D length"),
+    }
+    for i, (name, (members, message)) in enumerate(cases.items()):
+        folder = tmp_path / f"case{i}"
+        write_token_shards(iter(_docs(4)), folder, HASH, shard_size=8)
+        shard = folder / "shard-000000.tar"
+        with tarfile.open(shard, "a") as tar:  # a fifth sample, broken
+            for member, data in members.items():
+                info = tarfile.TarInfo(f"broken.{member}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        index = folder / "index.json"
+        index.write_text(index.read_text().replace('"docs": 4', '"docs": 5').replace("[4]", "[5]"))
+        reader = TokenShardReader(folder, seq_len=64, shuffle=False, loop=False)
+        with pytest.raises(ValueError, match=message) as e:
+            list(reader.batches(1))
+        assert "shard-000000.tar" in str(e.value) and "'broken'" in str(e.value) and "rewrite" in str(e.value), name
