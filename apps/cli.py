@@ -144,8 +144,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
                          f"(for a conversation use `tessera chat`)")
     pipe = tasks[args.task]
     inputs: Any = args.inputs[0] if len(args.inputs) == 1 else list(args.inputs)
+    extra: dict[str, Any] = {}
+    if args.best_of is not None:
+        if isinstance(pipe, MediaToTextPipeline):
+            raise ValueError(f"--best-of {args.best_of} reranks generated media; {args.task} writes text. Drop "
+                             f"--best-of, or use it with a text-to-MODALITY task")
+        extra["best_of"] = args.best_of
     result = pipe(inputs, seed=args.seed, sampling=_sampling(bundle, args), cfg_scale=args.cfg_scale,
-                  max_new_tokens=args.max_new_tokens)
+                  max_new_tokens=args.max_new_tokens, **extra)
     results = result if isinstance(result, list) else [result]
     if isinstance(pipe, MediaToTextPipeline):
         for text in results:
@@ -328,6 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("task", help="text-to-MODALITY or MODALITY-to-text, for a modality of the bundle")
     g.add_argument("inputs", nargs="+", help="captions (text-to-...) or media files (...-to-text); several make a batch")
     g.add_argument("--out", help="output file for one item, output folder for a batch (default: ./MODALITY.EXT)")
+    g.add_argument("--best-of", dest="best_of", type=int,
+                   help="text-to-MODALITY: sample N spans per caption and keep the one the model itself captions "
+                        "best (default: the bundle's settings, 1 = no reranking); costs N times the generation")
     _add_generation_options(g)
 
     c = _sub(sub, "chat", "chat with a bundle: text and media in, text and media out",

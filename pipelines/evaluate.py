@@ -1,8 +1,8 @@
 """``tessera eval BUNDLE``: score a bundle on the built-in world's held-out scenes.
 
 Held-out scenes are the corpus's seeds ``[0, heldout)``, never trained on (:mod:`.corpus`).
-Samples are generated with the bundle's task pipelines (its default sampling and
-guidance) in batches of ``batch_size``, each batch seeded by its first sample's index, and
+Samples are generated with the bundle's task pipelines (its default sampling, guidance
+and ``best_of`` reranking, recorded in the output's ``settings``) in batches of ``batch_size``, each batch seeded by its first sample's index, and
 scored against their ground truth:
 
 * **text→image / text→video attribute accuracy**: the generated media is read back by the
@@ -174,7 +174,8 @@ def evaluate(bundle: Bundle, *, n: int = 50, heldout: int = 1000, tasks: Sequenc
     if unknown:
         raise ValueError(f"unknown eval tasks {unknown}; choose from {TASKS}")
     has = set(bundle.tokenizers)
-    results: dict[str, Any] = {"n": n, "bundle": str(bundle.path), "skipped": []}
+    results: dict[str, Any] = {"n": n, "bundle": str(bundle.path), "skipped": [],
+                               "settings": {k: bundle.settings.get(k) for k in ("sampling", "cfg_scale", "best_of")}}
     visual = {"image": (sample_image_scene, check_image, IMAGE_ATTRIBUTES),
               "video": (sample_video_scene, check_video, VIDEO_ATTRIBUTES)}
     for task in tasks:

@@ -19,6 +19,12 @@ tokenizer was trained on. Classifier-free guidance (Ho & Salimans 2022; Parti/Ma
 for image tokens) contrasts each prompt with the same prompt without the caption text —
 the corpus drops captions with a small probability to teach that unconditional case.
 Decoding is constrained by the bundle's grammar, so every generated span decodes.
+
+Text→media also takes ``best_of`` (default: the bundle's ``settings["best_of"][modality]``,
+else 1): it samples that many spans per caption and keeps the one the same LLM, asked to
+describe it exactly as in its media→text training documents, gives the caption the highest
+log-likelihood — a reranker that needs no second model (DALL·E reranked with CLIP; here the
+generator's own captioning direction scores). Only the kept spans are decoded.
 """
 
 from __future__ import annotations
@@ -199,27 +205,70 @@ class TextToMediaPipeline:
         codes = row[: int(hits[0])] if hits.numel() else row[: row.numel() // self.layout.num_levels * self.layout.num_levels]
         return torch.cat([v.to_local(self.modality, self._meta_ids()), v.to_local(self.modality, codes.cpu())])
 
+    def _best_of(self, best_of: int | None) -> int:
+        k = self.bundle.settings.get("best_of", {}).get(self.modality, 1) if best_of is None else best_of
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            where = "best_of" if best_of is not None else f"the bundle's settings['best_of'][{self.modality!r}]"
+            raise ValueError(f"{where}={k!r} must be an integer >= 1 (1 keeps the one sample; e.g. 4 samples four "
+                             f"{self.modality} spans per caption and keeps the one the model captions best)")
+        return k
+
+    @torch.inference_mode()
+    def caption_log_likelihood(self, spans: Sequence[Tensor], captions: Sequence[str], *,
+                               batch_size: int = 8) -> Tensor:
+        """log p(caption | span) under the bundle's LLM for each (local span, caption) pair:
+        the media→text document the corpus trains on (the instruction, the span, the caption
+        as the assistant's turn), summed over the caption's tokens and its end. (N,) float."""
+        b, v = self.bundle, self.bundle.vocab
+        model = b.model
+        out = []
+        for i in range(0, len(spans), batch_size):
+            rows, masks = [], []
+            for local, caption in zip(spans[i : i + batch_size], captions[i : i + batch_size], strict=True):
+                doc = Document([TextSegment(media_to_text_prompt(self.plugin.media_kind), "user"),
+                                MediaSegment(self.modality, ids=local, role="user"), TextSegment(caption, "assistant")])
+                ids, mask = doc.to_ids(v, b.text, b.tokenizers, train_on="assistant")
+                rows.append(torch.as_tensor(ids, dtype=torch.long))
+                masks.append(torch.as_tensor(mask, dtype=torch.float32))
+            length = max(len(r) for r in rows)
+            ids = torch.stack([torch.nn.functional.pad(r, (0, length - len(r)), value=v.pad_id) for r in rows])
+            mask = torch.stack([torch.nn.functional.pad(m, (0, length - len(m))) for m in masks])
+            ids, mask = ids.to(_device(b)), mask.to(_device(b))
+            logp = model(ids).float().log_softmax(-1)[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]  # (n, L-1)
+            out.append((logp * mask[:, 1:]).sum(1).cpu())
+        return torch.cat(out)
+
     @torch.inference_mode()
     def __call__(self, inputs: str | Sequence[str], *, seed: int = 0,
                  sampling: dict[str, SamplingConfig] | None = None, cfg_scale: float | dict[str, float] | None = None,
-                 max_new_tokens: int | None = None) -> Any:
+                 max_new_tokens: int | None = None, best_of: int | None = None) -> Any:
         captions, single = _as_batch(inputs, "caption")
         bad = [c for c in captions if not isinstance(c, str)]
         if bad:
             raise ValueError(f"{self.task} takes captions (str), got {type(bad[0]).__name__}")
         b, v = self.bundle, self.bundle.vocab
-        # 1. encode: the caption prompts, and the caption-free prompts for guidance
-        prompts = [self._prompt(c) for c in captions]
+        k = self._best_of(best_of)
+        # 1. encode: the caption prompts (best_of rows each), and the caption-free prompts for guidance
+        prompts = [self._prompt(c) for c in captions for _ in range(k)]
         scales = b.cfg_scales(cfg_scale)
         guided = scales[self.modality] != 1.0
-        uncond = [self._prompt("") for _ in captions] if guided else None
-        # 2. generate inside the span, stopping at its end token
+        uncond = [self._prompt("") for _ in prompts] if guided else None
+        # 2. generate inside the span, stopping at its end token; keep the best of each caption's k
         out = generate(b.model, [p.to(_device(b)) for p in prompts], max_new_tokens=self._limit(max_new_tokens, _room(b, prompts, uncond)),
                        sampling=b.sampling(sampling), grammar=b.grammar, cfg_scale=scales if guided else 1.0,
                        uncond_prompts=[u.to(_device(b)) for u in uncond] if guided else None,
                        eos_id=v.end_id(self.modality), pad_id=v.pad_id, seed=seed)
-        # 3. decode every span with the modality's tokenizer
-        media = [self.plugin.decode(self._span(row)) for row in out]
+        spans = [self._span(row.cpu()) for row in out]
+        if k > 1:  # an empty caption (unconditional generation) has nothing to score: its first sample is kept
+            scored = [i for i, c in enumerate(captions) if c.strip()]
+            scores = torch.zeros(len(captions), k)
+            if scored:
+                scores[scored] = self.caption_log_likelihood(
+                    [spans[i * k + j] for i in scored for j in range(k)],
+                    [captions[i] for i in scored for _ in range(k)]).view(len(scored), k)
+            spans = [spans[i * k + int(j)] for i, j in enumerate(scores.argmax(1))]
+        # 3. decode every kept span with the modality's tokenizer
+        media = [self.plugin.decode(span) for span in spans]
         return media[0] if single else media
 
 

@@ -111,6 +111,11 @@ def test_generate_writes_seeded_media_and_reads_it_back(capsys: pytest.CaptureFi
                            "--max-new-tokens", "8")
         texts.append(out)
     assert code == 0 and texts[0] == texts[1]
+    code, out, _ = run(capsys, "generate", "text-to-double_grid", "a red circle", "--bundle", str(bundle_dir),
+                       "--best-of", "3", "--out", str(tmp_path / "best.png"))
+    assert code == 0 and (tmp_path / "best.png").is_file()
+    code, _, err = run(capsys, "generate", "double_grid-to-text", str(a), "--bundle", str(bundle_dir), "--best-of", "2")
+    assert code == 2 and "--best-of 2 reranks generated media" in err
 
 
 def test_chat_once_and_interactively(capsys: pytest.CaptureFixture[str], bundle_dir: Path, tmp_path: Path,

@@ -56,6 +56,40 @@ def test_guidance_changes_the_result_and_uses_the_caption_free_prompt(bundle: Bu
         grid("x", cfg_scale={"nope": 2.0})
 
 
+def test_best_of_keeps_the_sample_the_model_captions_best(bundle: Bundle) -> None:
+    """best_of=k samples k spans per caption (the rows of a batch of the caption repeated k
+    times, same seed) and keeps the one whose caption log-likelihood is highest."""
+    grid = TextToMediaPipeline(bundle, "double_grid")
+    captions = ["a red circle on the left", "a blue square at the top"]
+    k = 3
+    spans: list[torch.Tensor] = []
+    span = grid._span
+    grid._span = lambda row: spans.append(span(row)) or spans[-1]  # type: ignore[method-assign]
+    try:
+        every = grid([c for c in captions for _ in range(k)], seed=5, best_of=1)
+    finally:
+        del grid._span
+    scores = grid.caption_log_likelihood(spans, [c for c in captions for _ in range(k)]).view(2, k)
+    assert torch.isfinite(scores).all() and (scores < 0).all()
+    assert len({tuple(s.tolist()) for s in spans}) > 1  # the k samples differ
+    best = grid(captions, seed=5, best_of=k)
+    for i, j in enumerate(scores.argmax(1).tolist()):
+        torch.testing.assert_close(best[i], every[i * k + j], rtol=0, atol=0)
+    # the bundle's settings give the default; an empty caption keeps its first sample
+    bundle.settings["best_of"] = {"double_grid": k}
+    try:
+        torch.testing.assert_close(grid(captions, seed=5), best, rtol=0, atol=0)
+        torch.testing.assert_close(grid("", seed=5), grid(["", "", ""], seed=5, best_of=1)[0], rtol=0, atol=0)
+        bundle.settings["best_of"] = {"double_grid": 0}
+        with pytest.raises(ValueError, match=r"settings\['best_of'\]\['double_grid'\]=0 must be an integer >= 1"):
+            grid("x")
+    finally:
+        del bundle.settings["best_of"]
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match=f"best_of={bad!r} must be an integer >= 1"):
+            grid("x", best_of=bad)
+
+
 def test_media_to_text_reads_media_and_paths_and_is_deterministic(bundle: Bundle, tmp_path) -> None:
     plugin = bundle.tokenizers["double_grid"]
     pipe = MediaToTextPipeline(bundle, "double_grid")
