@@ -40,8 +40,8 @@ def test_the_default_bundle_describes_held_out_images(bundle) -> None:  # noqa: 
 
     scores = evaluate(bundle, n=6, tasks=["image-to-text"], progress=False)["image-to-text"]
     # an untrained model scores ~0 on both; the committed bundle reads every background right
-    # (its objects are still often wrong: 67 % of attributes over 100 scenes, see the README)
-    assert scores["background"] >= 0.8 and scores["attribute_accuracy"] >= 0.15, scores
+    # and 80 % of the objects' attributes over 100 scenes (see the README)
+    assert scores["background"] >= 0.8 and scores["attribute_accuracy"] >= 0.4, scores
 
 
 def test_eval_batches_do_not_change_greedy_captions(bundle) -> None:  # noqa: ANN001
