@@ -105,6 +105,7 @@ class TrainConfig:
     lora: LoraOptions | None = None
     resume: bool = True  # continue from OUT/checkpoints/latest when it exists
     progress: bool = True
+    compile: bool = False  # torch.compile the model's forward in place (Module.compile): state dict unchanged
 
     def __post_init__(self) -> None:
         self.betas = (float(self.betas[0]), float(self.betas[1]))
@@ -441,6 +442,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
     else:  # a plain torch AdamW: nothing to compile
         optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=config.betas)
         engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    if config.compile:  # in place, so checkpoints and the consolidated model keep their parameter names
+        engine.module.compile()
     if type(engine.checkpoint_engine).__name__ == "TorchCheckpointEngine":  # not a user-chosen writer
         engine.checkpoint_engine = _weights_only_checkpoint_engine(engine._config)
 
@@ -587,6 +590,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="weight of 'text' or a modality's target tokens in the loss (repeatable; default 1), "
                    "e.g. --loss-weight text=2 --loss-weight speech=0.5")
     p.add_argument("--lora-r", dest="lora_r", type=int, help="enable LoRA with this rank")
+    p.add_argument("--compile", action="store_const", const=True,
+                   help="torch.compile the model (the first steps compile, tens of seconds; then ~1.1x faster "
+                        "on the CPU at cpu-small; needs a C++ compiler)")
     p.add_argument("--no-resume", dest="resume", action="store_const", const=False)
     p.add_argument("--no-progress", dest="progress", action="store_const", const=False)
     p.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by the deepspeed launcher

@@ -259,3 +259,22 @@ def test_command_line_loss_weights_merge_over_the_config_file(tmp_path: Path, mo
     for bad in ("text", "=2", "text=-1", "text=nan", "text=inf", "text=two"):
         with pytest.raises(SystemExit, match="NAME=W"):
             train_mod.main(["--data", "d", "--out", "o", "--loss-weight", bad])
+
+
+@pytest.mark.slow
+def test_compiled_training_follows_the_eager_loss_curve(corpus: Path, reference: dict[str, Any],
+                                                        tmp_path: Path) -> None:
+    """--compile (Module.compile in place) trains the same model: the loss curve of the
+    eager reference within float tolerance, and a consolidated model with the same names."""
+    from torch._dynamo.utils import counters
+
+    graphs = counters["stats"]["unique_graphs"]
+    result = train(_config(corpus, tmp_path / "compiled", compile=True))
+    assert counters["stats"]["unique_graphs"] > graphs  # dynamo really compiled the model
+    ours, ref = _losses(result["metrics"]), _losses(reference["metrics"])
+    assert sorted(ours) == sorted(ref)
+    assert all(abs(ours[s] - ref[s]) < 0.05 for s in ref), (ours, ref)
+    assert abs(result["eval_loss"] - reference["eval_loss"]) < 0.05
+    model = TesseraLM.from_pretrained(result["model_dir"], expected_manifest_hash=MANIFEST["hash"])
+    eager = TesseraLM.from_pretrained(reference["model_dir"], expected_manifest_hash=MANIFEST["hash"])
+    assert model.state_dict().keys() == eager.state_dict().keys()
