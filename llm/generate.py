@@ -11,7 +11,8 @@ position and input buffers updated in place, sampling settings resolved to tenso
 (a per-row gather per step when they differ between modalities), and one host sync per
 step: the stop check (only when an ``eos_id`` is given). With ``compile=True`` the decode
 step (the model's forward for one token per row) goes through ``torch.compile`` (inductor,
-dynamic shapes: one graph serves every batch size and cache fill), which fuses the
+dynamic shapes: one graph serves every cache fill and every batch size above 1; batch 1
+compiles once more), which fuses the
 per-layer elementwise work and removes most of the dispatch overhead: on 2 CPU cores at
 cpu-small, batch 1, 2.5 → 1.6 ms a token. The first call compiles (tens of seconds, and a
 C++ compiler on the CPU), so it pays off for long or repeated generation, not one short

@@ -307,7 +307,8 @@ def _build_model(config: TrainConfig, reader: TokenShardReader) -> tuple[Tessera
             raise ValueError(
                 f"{describe_sources(config.data)} was tokenized with manifest {reader.manifest_hash}, but the "
                 f"bundle {config.init_from} has manifest {manifest['hash']}; its token ids would mean other "
-                f"things to this LLM. Re-tokenize with that bundle: `tessera tokenize DATA --bundle {config.init_from} --out NEW_SHARDS`")
+                f"things to this LLM. Re-tokenize with that bundle: "
+                f"`tessera tokenize DATA --bundle {config.init_from} --out NEW_SHARDS`")
         return TesseraLM.from_pretrained(Path(config.init_from) / "llm", expected_manifest=manifest), manifest["hash"]
     if config.init_from is not None:
         model = TesseraLM.from_pretrained(config.init_from, expected_manifest_hash=reader.manifest_hash)

@@ -2,8 +2,9 @@
 
 Held-out scenes are the corpus's seeds ``[0, heldout)``, never trained on (:mod:`.corpus`).
 Samples are generated with the bundle's task pipelines (its default sampling, guidance
-and ``best_of`` reranking, recorded in the output's ``settings``) in batches of ``batch_size``, each batch seeded by its first sample's index, and
-scored against their ground truth:
+and ``best_of`` reranking, recorded in the output's ``settings``) in batches of
+``batch_size``, each batch seeded by its first sample's index, and scored against their
+ground truth:
 
 * **text→image / text→video attribute accuracy**: the generated media is read back by the
   visual world's checker (:mod:`tessera.modalities.world.checker`, no learned model) and

@@ -234,8 +234,9 @@ class TextToMediaPipeline:
             ids = torch.stack([torch.nn.functional.pad(r, (0, length - len(r)), value=v.pad_id) for r in rows])
             mask = torch.stack([torch.nn.functional.pad(m, (0, length - len(m))) for m in masks])
             ids, mask = ids.to(_device(b)), mask.to(_device(b))
-            logp = model(ids).float().log_softmax(-1)[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]  # (n, L-1)
-            out.append((logp * mask[:, 1:]).sum(1).cpu())
+            nll = torch.nn.functional.cross_entropy(model(ids)[:, :-1].float().transpose(1, 2), ids[:, 1:],
+                                                    reduction="none")  # (n, L-1), as train.token_losses
+            out.append(-(nll * mask[:, 1:]).sum(1).cpu())
         return torch.cat(out)
 
     @torch.inference_mode()
