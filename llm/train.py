@@ -33,6 +33,7 @@ carry its manifest hash) also writes a copy of the bundle with the trained LLM t
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import math
 import os
@@ -175,12 +176,27 @@ def init_distributed() -> tuple[int, int]:
         os.environ.update(MASTER_ADDR=os.environ.get("MASTER_ADDR", "127.0.0.1"),
                           MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())),
                           RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    if not dist.is_initialized():
+        atexit.register(_destroy_process_group)
     cpu = get_accelerator().device_name() == "cpu"
     if cpu and os.environ.get("TESSERA_DS_SHM") != "1":
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     deepspeed.init_distributed(dist_backend="gloo" if cpu else get_accelerator().communication_backend_name(),
                                verbose=False)
     return dist.get_rank(), dist.get_world_size()
+
+
+def _destroy_process_group() -> None:
+    """Tear down the process group this process opened, before interpreter shutdown.
+
+    Left to C++ static destruction, gloo's threads were once destroyed still joinable on
+    a rank whose peer had already exited ("terminate called without an active
+    exception", exit -6) although the run itself had finished.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def deepspeed_config(config: TrainConfig, world_size: int) -> dict[str, Any]:
