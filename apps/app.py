@@ -336,17 +336,20 @@ def _quality(media_kind: str, media: Any, recon: Any) -> dict[str, float]:
     return {"mse": round(mse, 6)}
 
 
-def app_bundle(path: str | os.PathLike | None = None) -> tuple[Bundle, str | None]:
+def app_bundle(path: str | os.PathLike | None = None, *, compile: bool = False) -> tuple[Bundle, str | None]:
     """The bundle to serve and a notice for the page: ``path``, else the default bundle, else
-    (when it has not been built yet) a tiny untrained one, with a notice saying so."""
+    (when it has not been built yet) a tiny untrained one, with a notice saying so.
+    ``compile``: decode through ``torch.compile`` (:attr:`Bundle.compile`)."""
     if path is not None:
-        return load_bundle(path), None
+        return load_bundle(path, compile=compile), None
     if (DEFAULT_BUNDLE / "manifest.json").is_file():
-        return load_bundle(DEFAULT_BUNDLE), None
+        return load_bundle(DEFAULT_BUNDLE, compile=compile), None
     notice = (f"no trained default bundle at {DEFAULT_BUNDLE}, so this is a tiny untrained bundle and its outputs "
               f"are noise. Build the real one with `tessera build-default`, or pass a bundle: `tessera demo BUNDLE`.")
     log.warning(notice)
-    return tiny_bundle(), notice
+    bundle = tiny_bundle()
+    bundle.compile = compile
+    return bundle, notice
 
 
 def build_app(app: TesseraApp) -> gr.Blocks:
@@ -369,9 +372,9 @@ def serve(app: TesseraApp, *, host: str = "127.0.0.1", port: int | None = None,
 
 
 def launch(path: str | os.PathLike | None = None, *, host: str = "127.0.0.1", port: int = 7860,
-           limits: AppLimits | None = None) -> None:
-    """``tessera demo [BUNDLE]``: serve until interrupted."""
-    bundle, notice = app_bundle(path)
+           limits: AppLimits | None = None, compile: bool = False) -> None:
+    """``tessera demo [BUNDLE]``: serve until interrupted (``compile``: see :func:`app_bundle`)."""
+    bundle, notice = app_bundle(path, compile=compile)
     if notice:
         print(f"tessera demo: {notice}")
     serve(TesseraApp(bundle, limits=limits, notice=notice), host=host, port=port, block=True)

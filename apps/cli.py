@@ -128,7 +128,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     limits = AppLimits(max_upload_mb=args.max_upload_mb, max_seconds=args.max_seconds,
                        max_new_tokens=args.max_new_tokens, queue_size=args.queue_size)
-    launch(args.bundle, host=args.host, port=args.port, limits=limits)
+    launch(args.bundle, host=args.host, port=args.port, limits=limits, compile=args.compile)
     return 0
 
 
@@ -136,7 +136,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from tessera.pipelines.bundle import load_bundle
     from tessera.pipelines.tasks import MediaToTextPipeline, tasks_for
 
-    bundle = load_bundle(_bundle_path(args.bundle))
+    bundle = load_bundle(_bundle_path(args.bundle), compile=args.compile)
     tasks = tasks_for(bundle)
     if args.task not in tasks or args.task == "chat":
         names = [t for t in tasks if t != "chat"]
@@ -197,7 +197,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from tessera.pipelines.bundle import load_bundle
     from tessera.pipelines.tasks import ChatPipeline
 
-    bundle = load_bundle(_bundle_path(args.bundle))
+    bundle = load_bundle(_bundle_path(args.bundle), compile=args.compile)
     chat = ChatPipeline(bundle)
     history: list[dict[str, Any]] = []
     if args.message is not None or args.file:
@@ -293,6 +293,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 # ---- the parser -------------------------------------------------------------------------
+COMPILE_HELP = ("decode through torch.compile: 1.3-2x faster generation once the first request has compiled "
+                "(about a minute on 2 CPU cores; needs a C++ compiler on the CPU)")
+
+
 def _add_generation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bundle", help="bundle folder (default: the default bundle)")
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same output)")
@@ -301,6 +305,7 @@ def _add_generation_options(p: argparse.ArgumentParser) -> None:
                    help="classifier-free guidance for media (1 = off; default: the bundle's settings)")
     p.add_argument("--temperature", type=float, help="sampling temperature for text and media (0 = greedy)")
     p.add_argument("--top-k", dest="top_k", type=int, help="sample among the k most likely tokens")
+    p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
 
 
 def _sub(sub: Any, name: str, help: str, example: str, func: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
@@ -326,6 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=1024,
                    help="most tokens one request may generate")
     d.add_argument("--queue-size", dest="queue_size", type=int, default=16, help="requests that may wait")
+    d.add_argument("--compile", action="store_true", help=COMPILE_HELP)
 
     g = _sub(sub, "generate", "run one task of a bundle: text-to-MODALITY or MODALITY-to-text",
              '  tessera generate text-to-image "a red circle on the left" --out red.png\n'

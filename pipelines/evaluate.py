@@ -211,6 +211,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="samples generated together (faster; each batch is seeded by its first sample's index)")
     p.add_argument("--json", help="also write the results to this file")
     p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--compile", action="store_true",
+                   help="decode through torch.compile (about a minute to compile, then 1.3-2x faster generation)")
     return p
 
 
@@ -219,7 +221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = _parser().parse_args(argv)
     try:
-        results = evaluate(load_bundle(args.bundle), n=args.n, tasks=args.tasks, progress=args.progress,
+        results = evaluate(load_bundle(args.bundle, compile=args.compile), n=args.n, tasks=args.tasks, progress=args.progress,
                            batch_size=args.batch_size)
     except ValueError as e:
         print(f"tessera eval: error: {e}", file=sys.stderr)

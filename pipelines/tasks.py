@@ -258,7 +258,7 @@ class TextToMediaPipeline:
         out = generate(b.model, [p.to(_device(b)) for p in prompts], max_new_tokens=self._limit(max_new_tokens, _room(b, prompts, uncond)),
                        sampling=b.sampling(sampling), grammar=b.grammar, cfg_scale=scales if guided else 1.0,
                        uncond_prompts=[u.to(_device(b)) for u in uncond] if guided else None,
-                       eos_id=v.end_id(self.modality), pad_id=v.pad_id, seed=seed)
+                       eos_id=v.end_id(self.modality), pad_id=v.pad_id, seed=seed, compile=b.compile)
         spans = [self._span(row.cpu()) for row in out]
         if k > 1:  # an empty caption (unconditional generation) has nothing to score: its first sample is kept
             scored = [i for i, c in enumerate(captions) if c.strip()]
@@ -307,7 +307,7 @@ class MediaToTextPipeline:
         out = generate(b.model, [p.to(_device(b)) for p in prompts], max_new_tokens=limit, sampling=b.sampling(sampling),
                        grammar=b.grammar, cfg_scale=scales if guided else 1.0,
                        uncond_prompts=[u.to(_device(b)) for u in uncond] if guided else None,
-                       eos_id=v.eos_id, pad_id=v.pad_id, seed=seed)
+                       eos_id=v.eos_id, pad_id=v.pad_id, seed=seed, compile=b.compile)
         # 3. decode the text ids
         texts = [_text_of(b, row.cpu()).strip() for row in out]
         return texts[0] if single else texts
@@ -446,7 +446,7 @@ class ChatPipeline:
         out = generate(b.model, [prompt.to(_device(b))], max_new_tokens=limit, sampling=b.sampling(sampling),
                        grammar=b.grammar, cfg_scale=scales if guided else 1.0,
                        uncond_prompts=[u.to(_device(b)) for u in uncond] if guided else None,
-                       eos_id=v.eos_id, pad_id=v.pad_id, seed=seed)
+                       eos_id=v.eos_id, pad_id=v.pad_id, seed=seed, compile=b.compile)
         # 3. decode: text and media parts
         return self._parts(out[0].cpu())
 
