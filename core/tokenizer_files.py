@@ -22,6 +22,7 @@ import os
 from pathlib import Path
 from typing import Any, TypeVar
 
+import torch
 from torch import Tensor, nn
 
 from .checkpoint import CheckpointError, load_json, load_tensors, save_json, save_tensors
@@ -35,6 +36,7 @@ __all__ = [
     "read_tokenizer_folder",
     "load_weights",
     "pretrained_folder",
+    "half_precision_state",
 ]
 
 M = TypeVar("M", bound=nn.Module)
@@ -107,6 +109,27 @@ def load_weights(module: M, state: dict[str, Tensor], folder: str | os.PathLike)
         raise CheckpointError(f"{folder}/{WEIGHTS_FILE} does not match {CONFIG_FILE} ({e})") from e
     module.eval()
     return module
+
+
+@torch.no_grad()
+def half_precision_state(module: nn.Module) -> dict[str, Tensor]:
+    """Round ``module``'s floating-point parameters and buffers to fp16 *in place* and
+    return its state dict with those tensors stored as fp16 (half the file). The module
+    keeps its dtype (fp32 values that fp16 holds exactly), so it is bit-identical to what
+    :func:`load_weights` makes of the saved file — same outputs, same fingerprint.
+
+    Refuses a module with a value fp16 cannot hold (beyond ±65504, or NaN), naming it."""
+    state = module.state_dict()
+    for name, t in state.items():
+        if t.is_floating_point() and t.numel() and not bool(t.abs().max() <= torch.finfo(torch.float16).max):
+            raise ValueError(
+                f"half_precision_state: {name} holds values fp16 cannot store (max |x| = {float(t.abs().max()):g}, "
+                f"fp16 max 65504); save it in full precision"
+            )
+    for t in state.values():
+        if t.is_floating_point():
+            t.copy_(t.half())
+    return {name: t.half() if t.is_floating_point() else t for name, t in state.items()}
 
 
 def pretrained_folder(weights_dir: str | os.PathLike, *, modality: str, hint: str) -> Path:

@@ -1,8 +1,10 @@
 """Command-line tools of the video tokenizer, reached as ``tessera tokenizer VERB video ...``.
 
-    tessera tokenizer train video --out runs/video              # the shipped recipe
+    tessera tokenizer train video --out runs/video              # the shipped recipe (keyframe design)
+    tessera tokenizer train video --preset causal --out runs/video3d     # the causal 3D design
     tessera tokenizer train video --out runs/video --resume     # continue a killed run
     tessera tokenizer export video --run runs/video --out DIR   # a run's latest state -> tokenizer
+    tessera tokenizer export video --run runs/video --out DIR --half   # fp16 weights (as shipped)
     tessera tokenizer eval video --checkpoint runs/video/final
     tessera tokenizer encode video clip.mp4 --out clip.ids.json
     tessera tokenizer decode video clip.ids.json --out clip.decoded.gif
@@ -45,8 +47,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     from . import VideoTokenizer
     from .train import HELD_OUT_BASE, ClipCorpus, TrainConfig, evaluate, train
 
-    cfg = TrainConfig.debug() if args.preset == "debug" else TrainConfig.default()
-    cfg = with_overrides(cfg, args, ("steps", "batch_size", "train_clips", "sample_every", "lr", "foreground_weight", "seed"))
+    presets = {"default": TrainConfig.default, "causal": TrainConfig.causal, "debug": TrainConfig.debug}
+    cfg = presets[args.preset]()
+    cfg = with_overrides(
+        cfg, args,
+        ("steps", "batch_size", "train_clips", "sample_every", "lr", "foreground_weight", "seed",
+         "keyframe_checkpoint", "precision"),
+    )
     t = time.time()
     model, _ = train(cfg, args.out, resume=args.resume, progress=not args.quiet)
     seconds = time.time() - t
@@ -66,16 +73,16 @@ def cmd_export(args: argparse.Namespace) -> int:
     steps) as a tokenizer folder: a stopped or still-running training run becomes usable."""
     from ...core.checkpoint import load_json, load_tensors
     from . import VideoTokenizer
-    from .model import VideoAutoencoder
+    from .model import build_video_model
     from .train import TrainConfig
 
     run = Path(args.run)
     cfg = TrainConfig.from_dict(load_json(run / "train_config.json"))
     step = load_json(run / "state" / "state.json")["step"]
-    model = VideoAutoencoder(cfg.model)
+    model = build_video_model(cfg.model)
     model.load_state_dict(load_tensors(run / "state" / "model.safetensors"))
-    VideoTokenizer(cfg.model, model).save(args.out)
-    print(f"{run}: state at step {step} of {cfg.steps} -> {args.out}")
+    VideoTokenizer(cfg.model, model).save(args.out, half=args.half)
+    print(f"{run}: state at step {step} of {cfg.steps} -> {args.out}{' (fp16 weights)' if args.half else ''}")
     return 0
 
 
@@ -114,7 +121,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="verb", required=True)
     t = sub.add_parser("train", help="train the tokenizer on the built-in visual world")
     t.add_argument("--out", default="runs/video", help="run folder (metrics, samples, state, final)")
-    t.add_argument("--preset", choices=["default", "debug"], default="default")
+    t.add_argument(
+        "--preset", choices=["default", "causal", "debug"], default="default",
+        help="default: the shipped keyframe design (frame 0 as an image + motion ids, 512); causal: the "
+        "causal 3D autoencoder (320 ids); debug: tiny",
+    )
+    t.add_argument(
+        "--keyframe-checkpoint", help="image tokenizer folder that codes frame 0 (default preset; default: shipped)"
+    )
+    t.add_argument("--precision", choices=["fp32", "bf16"], help="bf16: autocast on the CPU")
     t.add_argument("--steps", type=int)
     t.add_argument("--batch-size", type=int)
     t.add_argument("--train-clips", type=int, help="world clips to train on (seeds 0..N-1)")
@@ -132,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     x = sub.add_parser("export", help="a training run's latest state -> tokenizer folder")
     x.add_argument("--run", required=True, help="the run folder given to train --out")
     x.add_argument("--out", required=True, help="tokenizer folder to write (config JSON + safetensors)")
+    x.add_argument("--half", action="store_true", help="store the weights in fp16 (half the file; the shipped weights)")
     x.set_defaults(func=cmd_export)
     e = sub.add_parser("eval", help="PSNR, code utilization and clips/s on held-out world clips")
     e.add_argument("--checkpoint", help="tokenizer folder (default: the shipped weights)")

@@ -46,11 +46,13 @@ __all__ = [
     "CausalConv3d",
     "VideoAutoencoder",
     "build_quantizer",
+    "build_video_model",
     "space_time_unshuffle",
     "space_time_shuffle",
 ]
 
 QuantizerKind = Literal["fsq", "vq"]
+Design = Literal["causal", "keyframe"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -80,6 +82,9 @@ class VideoTokenizerConfig:
     levels: tuple[int, ...] = (8, 5, 5, 5)
     codebook_size: int = 1000
     quantizer_options: dict[str, Any] = field(default_factory=dict)
+    design: Design = "causal"
+    keyframe: dict[str, Any] | None = None
+    search_radius: int = 8
 
     def __post_init__(self) -> None:
         who = "VideoTokenizerConfig"
@@ -120,6 +125,18 @@ class VideoTokenizerConfig:
                 )
         if self.fps <= 0:
             raise ValueError(f"{who}: fps={self.fps} must be > 0")
+        if self.design not in ("causal", "keyframe"):
+            raise ValueError(f"{who}: design={self.design!r}; use 'causal' or 'keyframe'")
+        if (self.design == "keyframe") != (self.keyframe is not None):
+            raise ValueError(
+                f"{who}: design={self.design!r} with keyframe={'set' if self.keyframe else None}; the keyframe "
+                f"design needs keyframe= (an image tokenizer configuration, e.g. the shipped image "
+                f"tokenizer's) and the causal design takes none"
+            )
+        if self.design == "keyframe" and len(self.channels) != 2:
+            raise ValueError(
+                f"{who}: channels={self.channels}; the keyframe design takes two levels (fine, coarse), e.g. (96, 128)"
+            )
 
     @property
     def space_factor(self) -> int:
@@ -127,17 +144,29 @@ class VideoTokenizerConfig:
 
     @property
     def latent_frames(self) -> int:
-        return 1 + (self.frames - 1) // self.time_factor
+        """Latent frames of the token grid: the first frame alone, then one per
+        ``time_factor`` frames (causal); for the keyframe design, the motion grid's."""
+        return (0 if self.design == "keyframe" else 1) + (self.frames - 1) // self.time_factor
 
     @property
     def grid(self) -> tuple[int, int, int]:
-        """Token grid (latent frames, height, width)."""
+        """Token grid (latent frames, height, width); for the keyframe design the motion
+        tokens' grid (the keyframe's is :attr:`keyframe_grid`)."""
         f = self.space_factor
         return self.latent_frames, self.size[0] // f, self.size[1] // f
 
     @property
+    def keyframe_grid(self) -> tuple[int, int]:
+        """The keyframe's token grid ((0, 0) for the causal design)."""
+        if self.keyframe is None:
+            return (0, 0)
+        from ..image.model import ImageTokenizerConfig
+
+        return ImageTokenizerConfig.from_dict(self.keyframe).grid
+
+    @property
     def tokens(self) -> int:
-        return math.prod(self.grid)
+        return math.prod(self.keyframe_grid) + math.prod(self.grid)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -151,8 +180,42 @@ class VideoTokenizerConfig:
 
     @classmethod
     def default(cls) -> VideoTokenizerConfig:
-        """The shipped configuration: 9 frames of 64×64 at 8 fps → 5×8×8 = 320 tokens of 1000 codes."""
+        """The shipped configuration: the keyframe design (:meth:`keyframe_default`), 9 frames of
+        64×64 at 8 fps → 256 keyframe + 256 motion ids of 1024 + 512 codes."""
+        return cls.keyframe_default()
+
+    @classmethod
+    def causal(cls) -> VideoTokenizerConfig:
+        """The causal 3D design (the dataclass defaults, and the checkpoint shipped before the
+        keyframe one): 9 frames of 64×64 → 5×8×8 = 320 tokens of 1000 FSQ codes."""
         return cls()
+
+    @classmethod
+    def keyframe_default(cls, image: Any = None) -> VideoTokenizerConfig:
+        """The keyframe design (:mod:`.keyframe`): frame 0 coded by the image tokenizer of
+        configuration ``image`` (default: the shipped built-in one, 16×16 ids of 1024 codes),
+        frames 1–8 as 4 × 8 × 8 motion ids of 1024 VQ codes: 512 ids of 2048 codes."""
+        from ..image.model import ImageTokenizerConfig
+
+        image = image if image is not None else ImageTokenizerConfig.builtin()
+        return cls(
+            design="keyframe", keyframe=image.to_dict(), patch=image.factor, channels=(96, 128), blocks=2,
+            latent_dim=8, quantizer="vq", codebook_size=512,
+            quantizer_options={"kmeans_init": True, "gradient": "rotation"},
+        )
+
+    @classmethod
+    def debug_keyframe(cls) -> VideoTokenizerConfig:
+        """The keyframe design, tiny (tests): 5 frames of 32×32, keyframe from
+        ``ImageTokenizerConfig.debug()`` (8×8 ids of 64 codes) + 2×4×4 motion ids of 32 codes."""
+        from ..image.model import ImageTokenizerConfig
+
+        image = ImageTokenizerConfig.debug()
+        return cls(
+            frames=5, size=(32, 32), design="keyframe", keyframe=image.to_dict(), patch=image.factor,
+            channels=(16, 16), blocks=1, latent_dim=4, quantizer="vq", codebook_size=32, search_radius=2,
+            quantizer_options={"kmeans_init": True},
+        )
 
     @classmethod
     def debug(cls) -> VideoTokenizerConfig:
@@ -279,6 +342,16 @@ class VideoAutoencoder(nn.Module):
         q = self.quantizer(z.permute(0, 2, 3, 4, 1))  # channel-last (B, t, h, w, D)
         return self._from_latent(q.quantized.permute(0, 4, 1, 2, 3)), q
 
+    @property
+    def codebook_size(self) -> int:
+        """The size of the clip's id space (the quantizer's codebook)."""
+        return self.quantizer.codebook_size
+
+    @property
+    def code_shape(self) -> tuple[int, ...]:
+        """The shape of one clip's ids as :meth:`encode_codes` gives and :meth:`decode_codes` takes."""
+        return self.config.grid
+
     @torch.no_grad()
     def encode_codes(self, clip: Tensor) -> Tensor:
         """(B, T, 3, H, W) → indices (B, t, h, w)."""
@@ -298,3 +371,15 @@ class VideoAutoencoder(nn.Module):
     def decode_codes(self, codes: Tensor) -> Tensor:
         """indices (B, t, h, w) → clip (B, T, 3, H, W), unclamped."""
         return self._from_latent(self.quantizer.decode(codes).permute(0, 4, 1, 2, 3))
+
+
+def build_video_model(config: VideoTokenizerConfig) -> nn.Module:
+    """The network of ``config.design``: :class:`VideoAutoencoder` (``"causal"``) or
+    :class:`~.keyframe.KeyframeVideoAutoencoder` (``"keyframe"``). Both take clips
+    ``(B, T, 3, H, W)`` in [0, 1] and offer ``forward``, ``encode_codes``, ``decode_codes``,
+    ``reconstruct_continuous``, ``codebook_size`` and ``code_shape``."""
+    if config.design == "keyframe":
+        from .keyframe import KeyframeVideoAutoencoder
+
+        return KeyframeVideoAutoencoder(config)
+    return VideoAutoencoder(config)
