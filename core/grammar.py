@@ -10,7 +10,8 @@ A document in the unified vocabulary (:mod:`tessera.core.vocab`) is::
 where the meta tokens and levels come from modality ``M``'s :class:`~tessera.core.spec.TokenLayout`
 and ``n`` is ``layout.steps`` ("fixed"), the product of the meta values ("grid") or any
 number in ``1..max_steps`` ("variable"; the end token may follow every complete step
-and is forced at ``max_steps``). Every span the grammar lets through unflattens with
+and is forced at ``max_steps``). A fixed layout with ``parts`` holds each step to its
+part's range of codes (one slot per part). Every span the grammar lets through unflattens with
 its layout, so a constrained LLM only writes decodable media.
 
 :class:`Grammar` is a batched finite-state machine for constrained decoding, built
@@ -118,6 +119,9 @@ class _Modality:
     level_hi: Tensor  # (L,) one past the last
     steps: int  # fixed: steps; grid: 1 (times each meta value); variable: max_steps
     max_steps: int  # the most steps a span can hold
+    step_slot: Tensor | None = None  # a fixed layout's parts: (steps,) slot of each step
+    step_lo: Tensor | None = None  # (steps,) first global id its part allows
+    step_hi: Tensor | None = None  # (steps,) one past the last
 
     @property
     def num_levels(self) -> int:
@@ -214,6 +218,21 @@ class Grammar:
                     f"expected inside a {name} span: a level 0 code (ids [{lo[0]}, {hi[0]})) "
                     f"or <|end_{name}|> (id {end_id})"
                 )
+            step_slot = step_lo = step_hi = None
+            ranges = layout.step_code_ranges()
+            if ranges is not None:  # one slot per part: its own range of level-0 codes
+                first_slot, first_step = len(rows), 0
+                for j, (n, a, b) in enumerate(layout.parts):
+                    rows.append(self._row(V, lo[0] + a, lo[0] + b))
+                    self._slot_desc.append(
+                        f"expected inside a {name} span: a code of part {j} (steps {first_step}.."
+                        f"{first_step + n - 1}: ids [{lo[0] + a}, {lo[0] + b}))"
+                    )
+                    first_step += n
+                step_slot = first_slot + torch.repeat_interleave(
+                    torch.arange(len(layout.parts)), torch.tensor([n for n, _, _ in layout.parts])
+                )
+                step_lo, step_hi = lo[0] + ranges[0], lo[0] + ranges[1]
             steps = {"fixed": layout.steps, "grid": 1, "variable": layout.max_steps}[layout.kind]
             mod = _Modality(
                 name=name,
@@ -227,6 +246,9 @@ class Grammar:
                 level_hi=torch.tensor(hi),
                 steps=int(steps),
                 max_steps=(layout.max_span_tokens - len(meta)) // layout.num_levels,
+                step_slot=step_slot,
+                step_lo=step_lo,
+                step_hi=step_hi,
             )
             self._mods.append(mod)
             program.append(self._span_program(mod))
@@ -260,6 +282,9 @@ class Grammar:
         c = (k - n_meta).clamp(min=0)
         step, level = c // L, c % L
         slot = mod.base + torch.where(k < n_meta, k, n_meta + level)
+        if mod.step_slot is not None:  # parts (one level): each step's own range of codes
+            in_steps = (k >= n_meta) & (step < mod.max_steps)
+            slot = torch.where(in_steps, mod.step_slot[step.clamp(max=mod.max_steps - 1)], slot)
         boundary = (k >= n_meta) & (level == 0)
         if mod.kind == _VARIABLE:
             slot = torch.where(boundary & (step >= 1), mod.level0_or_end_slot, slot)
@@ -468,7 +493,11 @@ class Grammar:
         n = total * L
         window = t[p : p + n]
         level = torch.arange(window.numel()) % L
-        bad = ((window < mod.level_lo[level]) | (window >= mod.level_hi[level])).nonzero().flatten()
+        if mod.step_lo is not None:  # parts: one level, each step in its part's range
+            step_lo, step_hi = mod.step_lo[: window.numel()], mod.step_hi[: window.numel()]
+            bad = ((window < step_lo) | (window >= step_hi)).nonzero().flatten()
+        else:
+            bad = ((window < mod.level_lo[level]) | (window >= mod.level_hi[level])).nonzero().flatten()
         if bad.numel():
             q = int(bad[0])
             at_boundary = q % L == 0 and q >= L
@@ -477,6 +506,7 @@ class Grammar:
             slot = (
                 mod.level0_or_end_slot
                 if mod.kind == _VARIABLE and at_boundary
+                else int(mod.step_slot[q]) if mod.step_slot is not None
                 else mod.base + len(mod.meta) + q % L
             )
             return None, self._violation(t, p + q, slot, f" (step {q // L} of the span begun at {b})")

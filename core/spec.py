@@ -18,6 +18,13 @@ Layout kinds:
   image: ``height * width``; a clip: ``frames * height * width``).
 * ``"variable"``: any number of steps from 1 to ``max_steps``, closed by the end token
   (speech, motion). The end token is forced at ``max_steps``.
+
+A ``"fixed"`` layout of one level may split its steps into consecutive ``parts``, each
+taking its own range of level-0 codes: ``parts=((256, 0, 1024), (256, 1024, 1536))`` says
+the first 256 steps hold codes 0..1023 and the next 256 codes 1024..1535 (a video
+tokenizer's keyframe ids, then its motion ids). ``flatten``/``unflatten`` and the decoding
+grammar hold every step to its part's range, so a constrained LLM writes each part from
+its own codebook.
 """
 
 from __future__ import annotations
@@ -70,6 +77,7 @@ class TokenLayout:
     steps: int | None = None
     max_steps: int | None = None
     meta: tuple[MetaField, ...] = ()
+    parts: tuple[tuple[int, int, int], ...] = ()
 
     def __post_init__(self) -> None:
         if self.kind not in ("fixed", "grid", "variable"):
@@ -85,6 +93,24 @@ class TokenLayout:
         names = [m.name for m in self.meta]
         if len(set(names)) != len(names):
             raise ValueError(f"meta field names must be unique, got {names}")
+        object.__setattr__(self, "parts", tuple(tuple(int(v) for v in part) for part in self.parts))
+        if self.parts:
+            if self.kind != "fixed" or len(self.levels) != 1:
+                raise ValueError(
+                    f"parts={self.parts} need a 'fixed' layout of one level (got kind={self.kind!r}, "
+                    f"{len(self.levels)} levels)"
+                )
+            for part in self.parts:
+                if len(part) != 3 or part[0] < 1 or not 0 <= part[1] < part[2] <= self.levels[0]:
+                    raise ValueError(
+                        f"part {part}: give (steps >= 1, low, high) with 0 <= low < high <= {self.levels[0]} "
+                        f"(codes low..high-1 of the level's {self.levels[0]})"
+                    )
+            if sum(part[0] for part in self.parts) != self.steps:
+                raise ValueError(
+                    f"parts={self.parts} cover {sum(p[0] for p in self.parts)} steps; they must cover the "
+                    f"layout's steps={self.steps}"
+                )
 
     # ---- sizes and offsets -------------------------------------------------
     @property
@@ -127,6 +153,39 @@ class TokenLayout:
             n = self.max_steps
         return len(self.meta) + n * self.num_levels
 
+    def step_code_ranges(self) -> tuple[Tensor, Tensor] | None:
+        """Per step, the level-0 codes its part allows: ``(low, high)`` long tensors of
+        ``steps`` values (codes ``low <= c < high``); ``None`` without parts."""
+        if not self.parts:
+            return None
+        low = torch.cat([torch.full((n,), lo, dtype=torch.long) for n, lo, _ in self.parts])
+        high = torch.cat([torch.full((n,), hi, dtype=torch.long) for n, _, hi in self.parts])
+        return low, high
+
+    def part_of_step(self, step: int) -> tuple[int, int, int, int]:
+        """``(part index, first step, low, high)`` of the part that holds ``step``."""
+        first = 0
+        for j, (n, lo, hi) in enumerate(self.parts):
+            if step < first + n:
+                return j, first, lo, hi
+            first += n
+        raise IndexError(f"step {step} is past the layout's {self.steps} steps")
+
+    def _check_parts(self, codes: Tensor) -> None:
+        """``codes`` (steps, 1) of level-0 indices, each inside its part's range."""
+        ranges = self.step_code_ranges()
+        if ranges is None or codes.shape[0] != self.steps:
+            return
+        low, high = ranges
+        bad = ((codes[:, 0] < low) | (codes[:, 0] >= high)).nonzero().flatten()
+        if bad.numel():
+            s = int(bad[0])
+            j, first, lo, hi = self.part_of_step(s)
+            raise LayoutError(
+                f"step {s} holds code {int(codes[s, 0])}, but it lies in part {j} (steps {first}.."
+                f"{first + self.parts[j][0] - 1}), which takes codes {lo}..{hi - 1}"
+            )
+
     def steps_for(self, meta_values: dict[str, int] | None = None) -> int | None:
         """Steps implied by the layout (``None`` for variable length)."""
         if self.kind == "fixed":
@@ -161,6 +220,7 @@ class TokenLayout:
         sizes = torch.tensor(self.levels, dtype=torch.long)
         if (codes < 0).any() or (codes >= sizes).any():
             raise LayoutError(f"code indices out of range for level sizes {self.levels}")
+        self._check_parts(codes.long())
         offs = torch.tensor(self.level_offsets, dtype=torch.long)
         body = (codes.long() + offs).reshape(-1)
         return torch.cat([torch.tensor(meta_ids, dtype=torch.long), body])
@@ -196,6 +256,7 @@ class TokenLayout:
                 f"[{int(offs[lv])}, {int(offs[lv] + sizes[lv])}) (level {lv} codes)"
             )
         self._check_steps(codes.shape[0], meta_values)
+        self._check_parts(rel)
         return meta_values, rel
 
     def _check_steps(self, steps: int, meta_values: dict[str, int]) -> None:
@@ -210,6 +271,10 @@ class TokenLayout:
         d = asdict(self)
         d["levels"] = list(self.levels)
         d["meta"] = [asdict(m) for m in self.meta]
+        if self.parts:
+            d["parts"] = [list(part) for part in self.parts]
+        else:  # (the manifests of layouts without parts keep their old form and hash)
+            del d["parts"]
         return d
 
     @classmethod
@@ -220,6 +285,7 @@ class TokenLayout:
             steps=d.get("steps"),
             max_steps=d.get("max_steps"),
             meta=tuple(MetaField(**m) for m in d.get("meta", ())),
+            parts=tuple(tuple(p) for p in d.get("parts", ())),
         )
 
 

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tessera.core.document import Document, MediaSegment
 from tessera.core.grammar import Grammar, GrammarError
-from tessera.core.spec import MetaField, ModalitySpec, TokenLayout
+from tessera.core.spec import LayoutError, MetaField, ModalitySpec, TokenLayout
 from tessera.core.vocab import UnifiedVocab
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -32,12 +32,18 @@ def layouts(draw: st.DrawFn) -> TokenLayout:
     for i in range(draw(st.integers(1 if kind == "grid" else 0, 2))):
         low = draw(st.integers(0 if kind != "grid" else 1, 2))
         meta.append(MetaField(name=f"m{i}", low=low, high=low + draw(st.integers(0, 2))))
+    steps = draw(st.integers(1, 4)) if kind == "fixed" else None
+    parts: tuple[tuple[int, int, int], ...] = ()
+    if kind == "fixed" and len(levels) == 1 and levels[0] >= 2 and steps >= 2 and draw(st.booleans()):
+        split, cut = draw(st.integers(1, steps - 1)), draw(st.integers(1, levels[0] - 1))
+        parts = ((split, 0, cut), (steps - split, cut, levels[0]))  # e.g. a keyframe, then motion codes
     return TokenLayout(
         kind=kind,
         levels=levels,
-        steps=draw(st.integers(1, 4)) if kind == "fixed" else None,
+        steps=steps,
         max_steps=draw(st.integers(1, 4)) if kind == "variable" else None,
         meta=tuple(meta),
+        parts=parts,
     )
 
 
@@ -302,3 +308,46 @@ def test_decoding_on_gpu_matches_cpu(vocab: UnifiedVocab) -> None:
         )
         cpu.advance(a, ids[:, t])
         gpu.advance(b, ids[:, t].cuda())
+
+
+# ---- a fixed layout in parts (a keyframe's codes, then motion codes) -------------------
+def test_parts_hold_each_step_to_its_own_codes() -> None:
+    layout = TokenLayout(kind="fixed", levels=(6,), steps=3, parts=((2, 0, 4), (1, 4, 6)))
+    spec = ModalitySpec(name="clip", version="1", media_kind="video", layout=layout, fingerprint="fp")
+    vocab = UnifiedVocab.build(TEXT, [spec])
+    g = Grammar.from_manifest(vocab.manifest())
+    lo, _ = vocab.local_range("clip")
+    begin = vocab.begin_id("clip")
+    state = g.start(1, prefix=torch.tensor([[begin]]))
+    for step, allowed_codes in enumerate(([0, 1, 2, 3], [0, 1, 2, 3], [4, 5])):
+        allowed = g.mask(state)[0].nonzero().flatten().tolist()
+        assert allowed == [lo + c for c in allowed_codes], step
+        g.advance(state, torch.tensor([lo + allowed_codes[-1]]))
+    assert g.mask(state)[0].nonzero().flatten().tolist() == [vocab.end_id("clip")]
+    good = [begin, lo + 1, lo + 3, lo + 5, vocab.end_id("clip")]
+    assert g.validate(good) is None and [s.modality for s in g.spans(good)] == ["clip"]
+    bad = [begin, lo + 1, lo + 4, lo + 5, vocab.end_id("clip")]  # a part-1 code at step 1
+    v = g.validate(bad)
+    assert v.position == 2 and "a code of part 0 (steps 0..1" in v.reason and "(step 1 of the span" in v.reason
+    # the layout checks the same rule, and a manifest round trip keeps it
+    with pytest.raises(LayoutError, match=r"step 2 holds code 1, but it lies in part 1 \(steps 2..2\), which takes codes 4..5"):
+        layout.flatten(torch.tensor([0, 3, 1]))
+    with pytest.raises(LayoutError, match="step 0 holds code 5"):
+        layout.unflatten(torch.tensor([5, 0, 4]))
+    assert TokenLayout.from_dict(layout.to_dict()) == layout
+    assert "parts" not in TokenLayout(kind="fixed", levels=(6,), steps=3).to_dict()  # old manifests keep their hash
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(kind="variable", levels=(6,), max_steps=3, parts=((3, 0, 6),)), "need a 'fixed' layout of one level"),
+        (dict(kind="fixed", levels=(6, 2), steps=3, parts=((3, 0, 6),)), "need a 'fixed' layout of one level"),
+        (dict(kind="fixed", levels=(6,), steps=3, parts=((2, 0, 4), (2, 4, 6))), "cover 4 steps"),
+        (dict(kind="fixed", levels=(6,), steps=3, parts=((3, 4, 7),)), r"0 <= low < high <= 6"),
+        (dict(kind="fixed", levels=(6,), steps=3, parts=((3, 4, 4),)), r"0 <= low < high <= 6"),
+    ],
+)
+def test_bad_parts_are_refused(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        TokenLayout(**kwargs)

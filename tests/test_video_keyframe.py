@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from tessera.core.metrics import psnr
+from tessera.core.spec import LayoutError
 from tessera.core.tokenizer_files import half_precision_state
 from tessera.modalities.image.model import ImageTokenizerConfig
 from tessera.modalities.video import VideoTokenizer, VideoTokenizerConfig
@@ -56,14 +57,17 @@ def test_ids_are_keyframe_codes_then_motion_codes(tok: VideoTokenizer) -> None:
 
 def test_decode_rejects_ids_in_the_other_part(tok: VideoTokenizer) -> None:
     ids = tok.encode(tok.example(0))
+    assert tok.layout.parts == ((64, 0, 64), (32, 64, 96))  # the grammar holds generated clips to them
     bad = ids.clone()
     bad[5] = 70  # a motion code where a keyframe id belongs
-    with pytest.raises(ValueError, match=r"keyframe ids \(the first 64\).*0\.\.63"):
+    with pytest.raises(LayoutError, match=r"step 5 holds code 70, but it lies in part 0 \(steps 0..63\)"):
         tok.decode(bad)
     bad = ids.clone()
     bad[80] = 3  # a keyframe code among the motion ids
-    with pytest.raises(ValueError, match=r"motion ids \(positions 64\.\.95\).*64\.\.95"):
+    with pytest.raises(LayoutError, match=r"step 80 holds code 3, .*part 1 \(steps 64..95\), which takes codes 64..95"):
         tok.decode(bad)
+    with pytest.raises(ValueError, match=r"keyframe ids \(the first 64\).*0\.\.63"):  # the network checks too
+        tok.model.decode_codes(bad[None] * 0 + 70)
     with pytest.raises(ValueError, match=r"expected \(batch, 96\)"):
         tok.model.decode_codes(ids[None, :-1])
 
@@ -151,3 +155,24 @@ def test_short_training_run_beats_copying_the_keyframe(tmp_path: Path) -> None:
     copied = recon[:, :1].expand_as(recon)
     ours, copy = psnr(recon[:, 1:], held[:, 1:]).mean(), psnr(copied[:, 1:], held[:, 1:]).mean()
     assert ours > copy + 1.0, (float(ours), float(copy))
+
+
+def test_grammar_constrained_clips_always_decode(tok: VideoTokenizer) -> None:
+    """Sampling uniformly among the tokens the grammar allows (an untrained LLM at its worst)
+    writes clips whose keyframe and motion parts each hold their own codes: every one decodes."""
+    from tessera.core.grammar import Grammar
+    from tessera.core.vocab import UnifiedVocab
+
+    vocab = UnifiedVocab.build(16, [tok.spec])
+    g = Grammar.from_manifest(vocab.manifest())
+    gen = torch.Generator().manual_seed(0)
+    state = g.start(4, prefix=torch.full((4, 1), vocab.begin_id("video")))
+    rows = []
+    for _ in range(tok.config.tokens):
+        pick = torch.multinomial(g.mask(state).float(), 1, generator=gen)[:, 0]
+        g.advance(state, pick)
+        rows.append(pick)
+    assert (g.mask(state).nonzero()[:, 1] == vocab.end_id("video")).all()
+    for ids in torch.stack(rows, 1):
+        clip = tok.decode(vocab.to_local("video", ids))
+        assert clip.shape == (5, 3, 32, 32) and torch.isfinite(clip).all()

@@ -12,7 +12,8 @@ float32 ``(9, 3, 64, 64)`` in [0, 1], 9 frames at 8 fps — into ids and back:
 
 Token layout: ``"fixed"`` (512 or 320 steps of one token). For the keyframe design the
 keyframe ids come first (row by row), then the motion ids (pair by pair, row by row), and
-each part only takes its own codes (:meth:`decode` says which position broke the rule). The
+each part only takes its own codes (the layout's ``parts``: the decoding grammar keeps a
+generated clip to them, and :meth:`decode` names a position that breaks the rule). The
 clip size is fixed rather than carried in ``"grid"`` meta tokens because every clip is
 brought to the model's size by :meth:`VideoTokenizer.read` (time resampled to 8 fps, first
 9 frames, shorter side scaled and centre-cropped — see :mod:`.io`), so meta tokens would
@@ -28,6 +29,7 @@ Training recipe: :mod:`.train`; command line: :mod:`.cli`; figures: weights/READ
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import ClassVar
@@ -73,9 +75,11 @@ class VideoTokenizer:
     # ---- the contract --------------------------------------------------------
     @property
     def layout(self) -> TokenLayout:
-        return TokenLayout(
-            kind="fixed", levels=(self.model.codebook_size,), steps=self.config.tokens
-        )
+        c, parts = self.config, ()
+        if c.design == "keyframe":  # keyframe ids take the image codes, motion ids the rest
+            n_key, k_key = math.prod(c.keyframe_grid), self.model.keyframe_codes
+            parts = ((n_key, 0, k_key), (c.tokens - n_key, k_key, self.model.codebook_size))
+        return TokenLayout(kind="fixed", levels=(self.model.codebook_size,), steps=c.tokens, parts=parts)
 
     @property
     def spec(self) -> ModalitySpec:

@@ -1,6 +1,6 @@
 """Command-line tools of the video tokenizer, reached as ``tessera tokenizer VERB video ...``.
 
-    tessera tokenizer train video --out runs/video              # the shipped recipe (keyframe design)
+    tessera tokenizer train video --out runs/video --half       # the shipped recipe (keyframe design)
     tessera tokenizer train video --preset causal --out runs/video3d     # the causal 3D design
     tessera tokenizer train video --out runs/video --resume     # continue a killed run
     tessera tokenizer export video --run runs/video --out DIR   # a run's latest state -> tokenizer
@@ -57,7 +57,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     t = time.time()
     model, _ = train(cfg, args.out, resume=args.resume, progress=not args.quiet)
     seconds = time.time() - t
-    VideoTokenizer(cfg.model, model).save(Path(args.out) / "final")
+    VideoTokenizer(cfg.model, model).save(Path(args.out) / "final", half=args.half)
     held_out = ClipCorpus.build(range(HELD_OUT_BASE, HELD_OUT_BASE + args.eval_clips), cfg.model)
     report = {
         "saved": str(Path(args.out) / "final"),
@@ -140,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--seed", type=int)
     t.add_argument("--resume", action="store_true", help="continue from OUT/state")
+    t.add_argument("--half", action="store_true", help="save OUT/final with fp16 weights (half the file; as shipped)")
     t.add_argument("--eval-clips", type=int, default=64, help="held-out clips scored after training")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.add_argument("--threads", type=int, default=2, help="torch CPU threads")
