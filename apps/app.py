@@ -238,7 +238,8 @@ class TesseraApp:
         meta, codes = layout.unflatten(ids)  # codes: (steps, levels)
         lines = [f"{ids.numel()} tokens" + (f"; meta {meta}" if meta else "")]
         lines += [" ".join(str(int(c)) for c in step) for step in codes]
-        bits = sum(math.log2(size) for size in layout.levels) * codes.shape[0]
+        bits = (sum(n * math.log2(hi - lo) for n, lo, hi in layout.parts) if layout.parts  # each part its own codes
+                else sum(math.log2(size) for size in layout.levels) * codes.shape[0])
         metrics: dict[str, Any] = {"tokens": int(ids.numel()), "steps": int(codes.shape[0]), "bits": round(bits, 1)}
         metrics.update(_quality(plugin.media_kind, media, recon))
         usage = {}

@@ -121,6 +121,7 @@ def run(quick: bool, *, checkpoint: str | None = None) -> list[dict[str, Any]]:
             "psnr_later_frames_db": round(sum(report["psnr_per_frame"][1:]) / (len(report["psnr_per_frame"]) - 1), 2),
             "l1": round(report["l1"], 4),
             "utilization": round(report["utilization"], 4),
+            **{k: round(report[k], 4) for k in ("utilization_keyframe", "utilization_motion") if k in report},
             "perplexity": round(report["perplexity"], 1),
             "encode_clips_per_s": round(enc, 1),
             "decode_clips_per_s": round(dec, 1),
@@ -211,6 +212,8 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
           f"{checks['mse_ratio_to_peer']:9.3f}x  (our MSE / peer MSE)")
     print(f"{'  first frame / later frames (dB)':<44}{ours['psnr_first_frame_db']:>5.1f} / {ours['psnr_later_frames_db']:<5.1f}")
     print(f"{'code utilization':<44}{ours['utilization']:10.3f}{peer['utilization']:10.3f}")
+    if "utilization_motion" in ours:
+        print(f"{'  keyframe / motion codebook':<44}{ours['utilization_keyframe']:>5.3f} / {ours['utilization_motion']:<5.3f}")
     print(f"{'tokens per clip / codebook':<44}{ours['tokens_per_clip']:>5d} / {ours['codebook_size']:<5d}")
     print(f"{'encode / decode clips/s':<44}{ours['encode_clips_per_s']:>5.1f} / {ours['decode_clips_per_s']:<5.1f}")
     print(f"{'checker motion accuracy':<44}{ours['motion_accuracy']:10.3f}")

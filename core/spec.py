@@ -93,12 +93,19 @@ class TokenLayout:
         names = [m.name for m in self.meta]
         if len(set(names)) != len(names):
             raise ValueError(f"meta field names must be unique, got {names}")
-        object.__setattr__(self, "parts", tuple(tuple(int(v) for v in part) for part in self.parts))
+        try:
+            parts = tuple(tuple(int(v) for v in part) for part in self.parts)
+        except TypeError:
+            raise ValueError(
+                f"parts={self.parts!r}: give (steps, low, high) triples, e.g. ((256, 0, 1024), (256, 1024, 1536)) "
+                f"(a single part needs a trailing comma: ((512, 0, 1536),))"
+            ) from None
+        object.__setattr__(self, "parts", parts)
         if self.parts:
             if self.kind != "fixed" or len(self.levels) != 1:
                 raise ValueError(
-                    f"parts={self.parts} need a 'fixed' layout of one level (got kind={self.kind!r}, "
-                    f"{len(self.levels)} levels)"
+                    f"parts={self.parts} need a 'fixed' layout of one level (got kind={self.kind!r} with "
+                    f"levels={self.levels}); split a multi-level or variable layout's codes another way"
                 )
             for part in self.parts:
                 if len(part) != 3 or part[0] < 1 or not 0 <= part[1] < part[2] <= self.levels[0]:
@@ -174,7 +181,7 @@ class TokenLayout:
     def _check_parts(self, codes: Tensor) -> None:
         """``codes`` (steps, 1) of level-0 indices, each inside its part's range."""
         ranges = self.step_code_ranges()
-        if ranges is None or codes.shape[0] != self.steps:
+        if ranges is None:
             return
         low, high = ranges
         bad = ((codes[:, 0] < low) | (codes[:, 0] >= high)).nonzero().flatten()

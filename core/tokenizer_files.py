@@ -112,14 +112,17 @@ def load_weights(module: M, state: dict[str, Tensor], folder: str | os.PathLike)
 
 
 @torch.no_grad()
-def half_precision_state(module: nn.Module) -> dict[str, Tensor]:
+def half_precision_state(module: nn.Module, *, keep: tuple[str, ...] = ()) -> dict[str, Tensor]:
     """Round ``module``'s floating-point parameters and buffers to fp16 *in place* and
     return its state dict with those tensors stored as fp16 (half the file). The module
     keeps its dtype (fp32 values that fp16 holds exactly), so it is bit-identical to what
-    :func:`load_weights` makes of the saved file — same outputs, same fingerprint.
+    :func:`load_weights` makes of the saved file — same outputs, same fingerprint. Tensors
+    whose names start with a prefix in ``keep`` stay as they are (e.g. a frozen copy of
+    another tokenizer that must keep coding exactly like it).
 
     Refuses a module with a value fp16 cannot hold (beyond ±65504, or NaN), naming it."""
-    state = module.state_dict()
+    state = {name: t for name, t in module.state_dict().items() if not name.startswith(keep)}
+    kept = {name: t for name, t in module.state_dict().items() if name.startswith(keep)}
     for name, t in state.items():
         if t.is_floating_point() and t.numel() and not bool(t.abs().max() <= torch.finfo(torch.float16).max):
             raise ValueError(
@@ -129,7 +132,7 @@ def half_precision_state(module: nn.Module) -> dict[str, Tensor]:
     for t in state.values():
         if t.is_floating_point():
             t.copy_(t.half())
-    return {name: t.half() if t.is_floating_point() else t for name, t in state.items()}
+    return {**{name: t.half() if t.is_floating_point() else t for name, t in state.items()}, **kept}
 
 
 def pretrained_folder(weights_dir: str | os.PathLike, *, modality: str, hint: str) -> Path:

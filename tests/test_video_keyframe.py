@@ -11,9 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from tessera.core.checkpoint import load_tensors
 from tessera.core.metrics import psnr
 from tessera.core.spec import LayoutError
 from tessera.core.tokenizer_files import half_precision_state
+from tessera.modalities.image import ImageTokenizer
 from tessera.modalities.image.model import ImageTokenizerConfig
 from tessera.modalities.video import VideoTokenizer, VideoTokenizerConfig
 from tessera.modalities.video.keyframe import KeyframeVideoAutoencoder, local_blocks, match_costs
@@ -94,18 +96,45 @@ def test_local_blocks_and_match_costs_match_a_loop() -> None:
     assert int(best) == 3  # offset (0, -1)
 
 
-def test_config_and_checkpoint_errors() -> None:
+def test_config_and_checkpoint_errors(tmp_path: Path) -> None:
+    debug = VideoTokenizerConfig.debug_keyframe()
     with pytest.raises(ValueError, match="needs keyframe="):
         VideoTokenizerConfig(design="keyframe")
     with pytest.raises(ValueError, match="two levels"):
-        replace(VideoTokenizerConfig.debug_keyframe(), channels=(16,))
+        replace(debug, channels=(16,))
+    with pytest.raises(ValueError, match="multiple of 8"):
+        replace(debug, channels=(16, 12))
+    with pytest.raises(ValueError, match=r"\(32, 32\) images at factor 4, the clip is \(32, 32\) at patch 2"):
+        replace(debug, patch=2)
+    with pytest.raises(ValueError, match="search_radius=0"):
+        replace(debug, search_radius=0)
     with pytest.raises(ValueError, match="whole clips"):
-        TrainConfig(model=VideoTokenizerConfig.debug_keyframe(), crop=16)
-    with pytest.raises(ValueError, match="must equal the motion network's fine grid"):
-        build_video_model(replace(VideoTokenizerConfig.debug_keyframe(), patch=2, size=(32, 32), channels=(16, 16)))
-    other = replace(VideoTokenizerConfig.debug_keyframe(), keyframe=ImageTokenizerConfig.builtin().to_dict())
-    with pytest.raises(ValueError, match="keyframe configuration is"):
-        keyframe_image_model(replace(other, keyframe=ImageTokenizerConfig.debug().to_dict()))
+        TrainConfig(model=debug, crop=16)
+    with pytest.raises(ValueError, match="keyframe_checkpoint='x' is for the keyframe design"):
+        TrainConfig(keyframe_checkpoint="x")
+    assert "design" not in VideoTokenizerConfig.causal().to_dict()  # causal configs keep their old form
+    # a keyframe checkpoint that is not the image tokenizer the config names
+    ImageTokenizer(ImageTokenizerConfig.debug()).save(str(tmp_path / "image"))
+    with pytest.raises(ValueError, match=r"differs from the video tokenizer's keyframe configuration in \{.*'patch': \(2, 4\)"):
+        keyframe_image_model(VideoTokenizerConfig.keyframe_default(), tmp_path / "image")
+    assert keyframe_image_model(debug, tmp_path / "image").config == ImageTokenizerConfig.debug()
+
+
+def test_batches_encode_and_decode_as_single_clips(tok: VideoTokenizer) -> None:
+    """Every clip of a batch and every pair of frames keeps its own place (B·P ordering):
+    with random time embeddings and motion head, batched ids and frames equal one-by-one ones."""
+    torch.manual_seed(3)
+    model = build_video_model(VideoTokenizerConfig.debug_keyframe()).eval()
+    with torch.no_grad():
+        for p in (model.time_enc, model.time_dec, *model.decoder_motion[-1].parameters(), *model.refine[-1].parameters()):
+            p.normal_(0, 0.5)
+    clips = torch.stack([tok.example(s) for s in (1, 2, 3)])
+    ids = model.encode_codes(clips)
+    frames = model.decode_codes(ids)
+    for i in range(3):
+        assert torch.equal(model.encode_codes(clips[i : i + 1])[0], ids[i])
+        assert torch.allclose(model.decode_codes(ids[i : i + 1])[0], frames[i], atol=1e-5)
+    assert not torch.equal(ids[0], ids[1])
 
 
 def test_save_load_keeps_the_keyframe_weights(tok: VideoTokenizer, tmp_path: Path) -> None:
@@ -124,8 +153,11 @@ def test_half_precision_save_is_exact(tmp_path: Path) -> None:
     tok = VideoTokenizer(VideoTokenizerConfig.debug_keyframe())
     tok.save(tmp_path / "full")
     tok.save(tmp_path / "half", half=True)
+    stored = load_tensors(tmp_path / "half" / "model.safetensors")  # the motion net in fp16, the keyframe coder as is
+    assert stored["decoder_out.weight" if "decoder_out.weight" in stored else "refine_in.weight"].dtype == torch.float16
+    assert {t.dtype for n, t in stored.items() if n.startswith("keyframe.") and t.is_floating_point()} == {torch.float32}
     full_bytes = (tmp_path / "full" / "model.safetensors").stat().st_size
-    assert (tmp_path / "half" / "model.safetensors").stat().st_size < 0.6 * full_bytes
+    assert (tmp_path / "half" / "model.safetensors").stat().st_size < 0.8 * full_bytes
     back = VideoTokenizer.load(tmp_path / "half")
     assert back.spec == tok.spec and next(back.model.parameters()).dtype == torch.float32
     clip = tok.example(1)

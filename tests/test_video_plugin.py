@@ -50,7 +50,6 @@ def test_registered_with_a_fixed_layout_inside_the_clip_budget(tok: VideoTokeniz
     assert (spec.name, spec.media_kind, spec.layout.kind) == ("video", "video", "fixed")
     causal = VideoTokenizerConfig.causal()
     assert causal.grid == (5, 8, 8) and causal.tokens == 320 <= 512
-    assert VideoTokenizerConfig.default() == VideoTokenizerConfig.keyframe_default()  # the shipped design
     assert spec.layout.steps == tok.config.tokens == 12
     assert spec.extra["frames"] == 5 and spec.extra["grid"] == [3, 2, 2]
 
@@ -276,11 +275,18 @@ def test_shipped_checkpoint_keeps_motion_and_colour_readable() -> None:
     these 10; the causal checkpoint shipped before it: 0.9, 1.0, 22.3 dB)."""
     tok = VideoTokenizer.pretrained()
     assert tok.config.tokens <= 512 and tok.config.design == "keyframe"
+    shipped = json.loads((WEIGHTS_DIR / "config.json").read_text())
+    assert shipped["spec"] == tok.spec.to_dict()  # the folder says what the weights are
+    from tessera.modalities.image import ImageTokenizer
+
+    image = ImageTokenizer.pretrained()
     motion, colour, psnrs = [], [], []
     for seed in range(1_000_000, 1_000_010):  # held out
         scene = sample_video_scene(seed)
         clip = render_video(scene, frames=tok.config.frames, size=tok.config.size)
-        recon = tok.decode(tok.encode(clip))
+        ids = tok.encode(clip)
+        assert torch.equal(ids[:256], image.model.encode(clip[:1]).flatten())  # frame 0 coded exactly as an image
+        recon = tok.decode(ids)
         psnrs.append(float(psnr(recon[None], clip[None])))
         score = check_video(recon, scene)
         motion.append(score["motion"])

@@ -116,8 +116,10 @@ class VideoTokenizer:
     def save(self, path: str | os.PathLike, *, half: bool = False) -> None:
         """Write ``path/config.json`` + ``model.safetensors``. ``half=True`` stores the
         weights in fp16 (half the file; the shipped checkpoint) after rounding this
-        tokenizer's own weights to fp16 values, so it encodes exactly as the saved copy."""
-        state = half_precision_state(self.model) if half else self.model.state_dict()
+        tokenizer's own weights to fp16 values, so it encodes exactly as the saved copy; the
+        keyframe design's image tokenizer stays fp32 (frame 0 is coded exactly as by it)."""
+        keep = ("keyframe.",) if self.config.design == "keyframe" else ()
+        state = half_precision_state(self.model, keep=keep) if half else self.model.state_dict()
         save_tokenizer_folder(
             path, state=state, config_key="model", config=self.config.to_dict(),
             spec=self.spec, format_version=_FORMAT_VERSION,

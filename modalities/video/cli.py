@@ -105,7 +105,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_encode(args: argparse.Namespace) -> int:
     tok = _tokenizer(args.checkpoint)
     ids, out, _ = encode_file(tok, args.input, args.out)
-    print(f"{args.input}: {ids.numel()} tokens (grid {'x'.join(map(str, tok.config.grid))}) -> {out}")
+    c = tok.config
+    grid = "x".join(map(str, c.grid))
+    if c.design == "keyframe":
+        grid = f"keyframe {'x'.join(map(str, c.keyframe_grid))} + motion {grid}"
+    print(f"{args.input}: {ids.numel()} tokens ({grid}) -> {out}")
     return 0
 
 

@@ -133,9 +133,29 @@ class VideoTokenizerConfig:
                 f"design needs keyframe= (an image tokenizer configuration, e.g. the shipped image "
                 f"tokenizer's) and the causal design takes none"
             )
-        if self.design == "keyframe" and len(self.channels) != 2:
+        if self.design == "keyframe":
+            self._check_keyframe(who)
+
+    def _check_keyframe(self, who: str) -> None:
+        from ..image.model import ImageTokenizerConfig
+
+        image = ImageTokenizerConfig.from_dict(self.keyframe)
+        if len(self.channels) != 2 or any(ch % 8 for ch in self.channels):
             raise ValueError(
-                f"{who}: channels={self.channels}; the keyframe design takes two levels (fine, coarse), e.g. (96, 128)"
+                f"{who}: channels={self.channels}; the keyframe design takes two levels (fine, coarse), each a "
+                f"multiple of 8 (GroupNorm of 8 groups), e.g. (96, 128)"
+            )
+        if image.factor != self.patch or tuple(image.image_size) != self.size:
+            raise ValueError(
+                f"{who}: the keyframe's image tokenizer codes {tuple(image.image_size)} images at factor "
+                f"{image.factor}, the clip is {self.size} at patch {self.patch}; they must agree (the motion "
+                f"network copies the keyframe's blocks): build the config with "
+                f"VideoTokenizerConfig.keyframe_default(image_config)"
+            )
+        if self.search_radius < 1:
+            raise ValueError(
+                f"{who}: search_radius={self.search_radius}; give the farthest block offset the decoder may copy "
+                f"from, >= 1 (8 blocks = 32 pixels covers the built-in world's motions)"
             )
 
     @property
@@ -172,6 +192,9 @@ class VideoTokenizerConfig:
         d = asdict(self)
         for key in ("size", "channels", "levels", "kernel"):
             d[key] = list(d[key])
+        if self.design == "causal":  # (causal configs keep the form they had before the keyframe design)
+            for key in ("design", "keyframe", "search_radius"):
+                del d[key]
         return d
 
     @classmethod
@@ -194,12 +217,13 @@ class VideoTokenizerConfig:
     def keyframe_default(cls, image: Any = None) -> VideoTokenizerConfig:
         """The keyframe design (:mod:`.keyframe`): frame 0 coded by the image tokenizer of
         configuration ``image`` (default: the shipped built-in one, 16×16 ids of 1024 codes),
-        frames 1–8 as 4 × 8 × 8 motion ids of 1024 VQ codes: 512 ids of 2048 codes."""
+        frames 1–8 as 4 × 8 × 8 motion ids of 512 VQ codes: 512 ids of 1536 codes."""
         from ..image.model import ImageTokenizerConfig
 
         image = image if image is not None else ImageTokenizerConfig.builtin()
         return cls(
-            design="keyframe", keyframe=image.to_dict(), patch=image.factor, channels=(96, 128), blocks=2,
+            design="keyframe", keyframe=image.to_dict(), size=tuple(image.image_size), patch=image.factor,
+            channels=(96, 128), blocks=2,
             latent_dim=8, quantizer="vq", codebook_size=512,
             quantizer_options={"kmeans_init": True, "gradient": "rotation"},
         )

@@ -86,8 +86,13 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.precision={self.precision!r}; use 'fp32' or 'bf16' (autocast)")
         if self.model.design == "keyframe" and self.crop is not None:
             raise ValueError(
-                f"TrainConfig.crop={self.crop}: the keyframe design attends over the whole keyframe, so it "
-                f"trains on whole clips; pass crop=None (--crop 0)"
+                f"TrainConfig.crop={self.crop}: the keyframe design copies blocks from anywhere in the keyframe, "
+                f"so it trains on whole clips; pass crop=None"
+            )
+        if self.model.design != "keyframe" and self.keyframe_checkpoint is not None:
+            raise ValueError(
+                f"TrainConfig.keyframe_checkpoint={self.keyframe_checkpoint!r} is for the keyframe design; this "
+                f"model is {self.model.design!r} (use the default preset, or drop --keyframe-checkpoint)"
             )
         f = self.model.space_factor
         if self.crop is not None and (self.crop % f or not f <= self.crop <= min(self.model.size)):
@@ -227,7 +232,15 @@ def evaluate(model: torch.nn.Module, corpus: ClipCorpus, *, batch_size: int = 16
             continuous.append(psnr(model.reconstruct_continuous(clips), clips))
         codes.append(idx.reshape(-1))
     model.train(was_training)
-    stats = code_stats(torch.cat(codes), getattr(model, "codebook_size", model.quantizer.codebook_size))
+    all_codes = torch.cat(codes)
+    stats = code_stats(all_codes, model.codebook_size)
+    parts = {}
+    if model.config.design == "keyframe":  # each codebook's own use (the keyframe's hides the motion's)
+        k = model.keyframe_codes
+        parts = {
+            "utilization_keyframe": float(code_stats(all_codes[all_codes < k], k).utilization),
+            "utilization_motion": float(code_stats(all_codes[all_codes >= k] - k, model.codebook_size - k).utilization),
+        }
     per_frame = 10 * torch.log10(1 / torch.cat(frame_mse).clamp_min(1e-10))  # (N, T)
     return {
         "clips": len(corpus),
@@ -236,6 +249,7 @@ def evaluate(model: torch.nn.Module, corpus: ClipCorpus, *, batch_size: int = 16
         **({"psnr_continuous": float(torch.cat(continuous).mean())} if continuous else {}),
         "l1": float(torch.cat(l1s).mean()),
         "utilization": float(stats.utilization),
+        **parts,
         "perplexity": float(stats.perplexity),
         "tokens_per_clip": model.config.tokens,
     }
@@ -246,14 +260,18 @@ def keyframe_image_model(config: VideoTokenizerConfig, checkpoint: str | os.Path
     tokenizer folder ``checkpoint``, or the shipped one; its configuration must be
     ``config.keyframe``."""
     from ..image import ImageTokenizer
+    from ..image.model import ImageTokenizerConfig
 
     tok = ImageTokenizer.load(str(checkpoint)) if checkpoint is not None else ImageTokenizer.pretrained()
-    if tok.config.to_dict() != config.keyframe:
+    want = ImageTokenizerConfig.from_dict(config.keyframe)
+    if tok.config != want:
+        got, need = tok.config.to_dict(), want.to_dict()
+        differ = {key: (got[key], need[key]) for key in need if got.get(key) != need[key]}
         where = checkpoint or "the shipped image tokenizer"
         raise ValueError(
-            f"keyframe checkpoint {where} has configuration {tok.config.to_dict()}, but the video tokenizer's "
-            f"keyframe configuration is {config.keyframe}; pass the image tokenizer the video config names "
-            f"(or build the config from it: VideoTokenizerConfig.keyframe_default(ImageTokenizer.load(...).config))"
+            f"keyframe checkpoint {where} differs from the video tokenizer's keyframe configuration in "
+            f"{differ} (checkpoint, config); pass the image tokenizer the video config names, or build the "
+            f"config from it: VideoTokenizerConfig.keyframe_default(ImageTokenizer.load(...).config)"
         )
     return tok.model
 
