@@ -49,6 +49,10 @@ def random_local_ids(vocab: UnifiedVocab, name: str, seed: int) -> torch.Tensor:
     if steps is None:
         steps = int(torch.randint(1, layout.max_steps + 1, (1,), generator=g))
     codes = torch.stack([torch.randint(0, k, (steps,), generator=g) for k in layout.levels], 1)
+    ranges = layout.step_code_ranges()
+    if ranges is not None:  # parts: each step draws from its own part's codes
+        low, high = ranges
+        codes = low[:, None] + (torch.rand(steps, 1, generator=g) * (high - low)[:, None]).long()
     return layout.flatten(codes, meta)
 
 
