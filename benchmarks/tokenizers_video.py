@@ -42,24 +42,6 @@ def _clips_per_s(fn: Any, n: int, repeats: int) -> float:
     return n * repeats / (time.perf_counter() - t)
 
 
-def _patches(clips: torch.Tensor, tf: int, p: int) -> torch.Tensor:
-    """(B, T, 3, H, W) → (B·t·h·w, 3·tf·p·p) patches on the tokenizer's grid."""
-    from tessera.modalities.video.model import space_time_unshuffle
-
-    x = clips.permute(0, 2, 1, 3, 4)
-    x = torch.cat([x[:, :, :1].expand(-1, -1, tf - 1, -1, -1), x], dim=2)
-    return space_time_unshuffle(x, tf, p).permute(0, 2, 3, 4, 1).reshape(-1, 3 * tf * p * p)
-
-
-def _unpatch(patches: torch.Tensor, shape: tuple[int, ...], tf: int, p: int) -> torch.Tensor:
-    from tessera.modalities.video.model import space_time_shuffle
-
-    B, T, _, H, W = shape
-    t, h, w = 1 + (T - 1) // tf, H // p, W // p
-    x = patches.reshape(B, t, h, w, -1).permute(0, 4, 1, 2, 3)
-    return space_time_shuffle(x, tf, p)[:, :, tf - 1 :].permute(0, 2, 1, 3, 4)
-
-
 def _group_patches(frames: torch.Tensor, f: int, p: int) -> torch.Tensor:
     """(B, F, 3, H, W) → (B·(F/f)·(H/p)·(W/p), 3·f·p·p): groups of ``f`` frames cut into
     ``p × p`` patches."""
@@ -76,6 +58,18 @@ def _ungroup_patches(patches: torch.Tensor, shape: tuple[int, ...], f: int, p: i
     B, F, _, H, W = shape
     x = patches.reshape(B, F // f, H // p, W // p, -1).permute(0, 4, 1, 2, 3)
     return space_time_shuffle(x, f, p).permute(0, 2, 1, 3, 4)
+
+
+def _patches(clips: torch.Tensor, tf: int, p: int) -> torch.Tensor:
+    """(B, T, 3, H, W) → (B·t·h·w, 3·tf·p·p) patches on the causal tokenizer's grid (the
+    first frame alone: repeated ``tf`` times, as the causal network pads it)."""
+    return _group_patches(torch.cat([clips[:, :1].expand(-1, tf - 1, -1, -1, -1), clips], dim=1), tf, p)
+
+
+def _unpatch(patches: torch.Tensor, shape: tuple[int, ...], tf: int, p: int) -> torch.Tensor:
+    """Inverse of :func:`_patches` (the repeats of the first frame dropped)."""
+    B, T, C, H, W = shape
+    return _ungroup_patches(patches, (B, T + tf - 1, C, H, W), tf, p)[:, tf - 1 :]
 
 
 def run(quick: bool, *, checkpoint: str | None = None) -> list[dict[str, Any]]:

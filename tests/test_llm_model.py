@@ -9,14 +9,7 @@ import torch.nn.functional as F
 from tessera.core.vocab import ManifestMismatchError
 from tessera.llm.model import KVCache, LLMConfig, TesseraLM
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread; with two, OpenMP spin-waits on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run fastest on one thread
 
 
 def debug_model(vocab_size: int = 128, **overrides: object) -> TesseraLM:

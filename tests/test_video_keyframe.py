@@ -22,13 +22,7 @@ from tessera.modalities.video.keyframe import KeyframeVideoAutoencoder, local_bl
 from tessera.modalities.video.model import build_video_model
 from tessera.modalities.video.train import HELD_OUT_BASE, ClipCorpus, TrainConfig, keyframe_image_model, train
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run fastest on one thread
 
 
 @pytest.fixture(scope="module")

@@ -22,15 +22,7 @@ from tessera.modalities.video.train import ClipCorpus, TrainConfig, evaluate, pi
 from tessera.modalities.world.checker import check_video
 from tessera.modalities.world.visual import render_video, sample_video_scene
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small convolutions and the checker run fastest on one thread, and far faster than
-    two on a busy machine (measured: a debug training step 70 ms vs seconds)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run fastest on one thread
 
 
 @pytest.fixture(scope="module")

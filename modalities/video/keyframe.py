@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 from ...core.quantizers import QuantizerOutput
 from ..image.model import ImageAutoencoder, ImageTokenizerConfig
+from ..image.model import ResBlock as ImageResBlock
 
 if TYPE_CHECKING:
     from .model import VideoTokenizerConfig
@@ -47,22 +48,9 @@ if TYPE_CHECKING:
 __all__ = ["KeyframeVideoAutoencoder", "local_blocks", "match_costs"]
 
 
-class ResBlock(nn.Module):
-    """GroupNorm → SiLU → conv3×3, twice, plus the input."""
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.body = nn.Sequential(
-            nn.GroupNorm(8, channels),
-            nn.SiLU(),
-            nn.Conv2d(channels, channels, 3, padding=1),
-            nn.GroupNorm(8, channels),
-            nn.SiLU(),
-            nn.Conv2d(channels, channels, 3, padding=1),
-        )
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x + self.body(x)
+def ResBlock(channels: int) -> nn.Module:
+    """The image tokenizer's residual block (GroupNorm of 8 groups → SiLU → conv3×3, twice)."""
+    return ImageResBlock(channels, 8)
 
 
 def local_blocks(x: Tensor, radius: int) -> Tensor:

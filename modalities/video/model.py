@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 from ...core.quantizers import FSQ, Quantizer, QuantizerOutput
 from ...core.quantizers.vq import VectorQuantizer
+from ..image.model import ImageTokenizerConfig
 
 __all__ = [
     "VideoTokenizerConfig",
@@ -137,8 +138,6 @@ class VideoTokenizerConfig:
             self._check_keyframe(who)
 
     def _check_keyframe(self, who: str) -> None:
-        from ..image.model import ImageTokenizerConfig
-
         image = ImageTokenizerConfig.from_dict(self.keyframe)
         if len(self.channels) != 2 or any(ch % 8 for ch in self.channels):
             raise ValueError(
@@ -180,8 +179,6 @@ class VideoTokenizerConfig:
         """The keyframe's token grid ((0, 0) for the causal design)."""
         if self.keyframe is None:
             return (0, 0)
-        from ..image.model import ImageTokenizerConfig
-
         return ImageTokenizerConfig.from_dict(self.keyframe).grid
 
     @property
@@ -218,8 +215,6 @@ class VideoTokenizerConfig:
         """The keyframe design (:mod:`.keyframe`): frame 0 coded by the image tokenizer of
         configuration ``image`` (default: the shipped built-in one, 16×16 ids of 1024 codes),
         frames 1–8 as 4 × 8 × 8 motion ids of 512 VQ codes: 512 ids of 1536 codes."""
-        from ..image.model import ImageTokenizerConfig
-
         image = image if image is not None else ImageTokenizerConfig.builtin()
         return cls(
             design="keyframe", keyframe=image.to_dict(), size=tuple(image.image_size), patch=image.factor,
@@ -232,8 +227,6 @@ class VideoTokenizerConfig:
     def debug_keyframe(cls) -> VideoTokenizerConfig:
         """The keyframe design, tiny (tests): 5 frames of 32×32, keyframe from
         ``ImageTokenizerConfig.debug()`` (8×8 ids of 64 codes) + 2×4×4 motion ids of 32 codes."""
-        from ..image.model import ImageTokenizerConfig
-
         image = ImageTokenizerConfig.debug()
         return cls(
             frames=5, size=(32, 32), design="keyframe", keyframe=image.to_dict(), patch=image.factor,
