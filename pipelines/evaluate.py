@@ -10,6 +10,10 @@ ground truth:
   visual world's checker (:mod:`tessera.modalities.world.checker`, no learned model) and
   compared with the scene: the fraction of (object, attribute) pairs right — shape,
   colour, size, position; for clips also motion, direction and end colour;
+  Read objects are matched to the scene's in the order that agrees best, so extra blobs
+  can only add chance matches; **strict attribute accuracy** counts each extra object as a
+  wrong one (the accuracy × expected / max(expected, read) objects) — the figure to watch
+  when guidance or temperature paint clutter;
 * **image→text / video→text attribute accuracy**: the generated caption is split into one
   clause per object and each expected attribute's words are looked for in its clause
   (objects matched to clauses in the order that agrees best), plus the exact-match rate of
@@ -140,9 +144,14 @@ def _score_batch(bundle: Bundle, task: str, needs: str, idx: list[int], visual: 
         sample, check, names = visual[needs]
         scenes = [sample(i) for i in idx]
         media = TextToMediaPipeline(bundle, needs)([s.caption for s in scenes], seed=seed)
-        scores = [check(m, s) for m, s in zip(media, scenes, strict=True)]
-        return [{"attribute_accuracy": _attribute_mean(sc, names), "all": sc["all"],
-                 "by_attribute": {k: v for k, v in sc.items() if k != "all"}} for sc in scores]
+        out = []
+        for m, s in zip(media, scenes, strict=True):
+            sc = check(m, s)
+            read, n = sc.pop("objects"), len(s.attributes)
+            accuracy = _attribute_mean(sc, names)
+            out.append({"attribute_accuracy": accuracy, "strict_attribute_accuracy": accuracy * n / max(n, read),
+                        "all": sc["all"], "by_attribute": {k: v for k, v in sc.items() if k != "all"}})
+        return out
     if task in ("image-to-text", "video-to-text"):
         scenes = [visual[needs][0](i) for i in idx]
         captions = MediaToTextPipeline(bundle, needs)([bundle.tokenizers[needs].example(i) for i in idx], seed=seed)

@@ -86,6 +86,10 @@ def test_checker_notices_wrong_attributes() -> None:
     assert score["shape"] == 0.0 and score["colour"] == 0.0 and score["position"] == 1.0 and score["all"] == 0.0
     empty = torch.tensor(BACKGROUNDS["black"])[:, None, None].expand(3, 64, 64).clone()
     assert read_image(empty).objects == () and check_image(empty, scene)["count"] == 0.0
+    assert check_image(empty, scene)["objects"] == 0.0
+    two = next(s for s in map(sample_image_scene, range(100)) if len(s.attributes) == 2)
+    one_expected = check_image(render_image(two), two.attributes[:1], background=two.background)
+    assert one_expected["objects"] == 2.0 and one_expected["count"] == 0.0 and one_expected["shape"] == 1.0
 
 
 def test_checker_rejects_bad_images() -> None:

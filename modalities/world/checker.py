@@ -252,6 +252,7 @@ def _score(
     if background is not None:
         out["background"] = float(background == got_bg)
     out["all"] = float(all(v == 1.0 for v in out.values()))
+    out["objects"] = float(len(read))  # after "all": a number of objects, not a score
     return out
 
 
@@ -261,7 +262,9 @@ def check_image(
     """Score ``img`` against its expected ``attributes`` (a ``Scene``, or objects/dicts with
     any of ``shape``, ``colour``, ``size``, ``position``). Returns the fraction of expected
     objects right per attribute, ``count`` (1.0 when the number of objects matches),
-    ``background`` (when known) and ``all`` (1.0 when everything is right)."""
+    ``background`` (when known), ``all`` (1.0 when everything is right) and ``objects``
+    (how many were read: the best-matching ones are scored, so an image strewn with extra
+    blobs can score by chance; :mod:`tessera.pipelines.evaluate` reports a strict figure)."""
     expected, scene_bg = _expected(attributes)
     reading = read_image(img)
     return _score(expected, reading.objects, IMAGE_ATTRIBUTES, background or scene_bg, reading.background)
