@@ -47,9 +47,8 @@ def _words(text: str) -> set[str]:
 
 def _peer(bundle: Any, n: int, refs: int) -> dict[str, Any]:
     from tessera.modalities.speech.synth import caption_for_seed
-    from tessera.modalities.world.checker import IMAGE_ATTRIBUTES, check_image
     from tessera.modalities.world.visual import sample_image_scene
-    from tessera.pipelines.evaluate import caption_attribute_accuracy, word_accuracy
+    from tessera.pipelines.evaluate import caption_attribute_accuracy, media_attribute_accuracy, word_accuracy
 
     image, speech = bundle.tokenizers["image"], bundle.tokenizers["speech"]
     seeds = range(FIRST_TRAIN_SEED, FIRST_TRAIN_SEED + refs)
@@ -69,13 +68,12 @@ def _peer(bundle: Any, n: int, refs: int) -> dict[str, Any]:
 
     plain, strict = [], []  # text -> image: most caption words shared
     for i in range(n):
-        scene, words = sample_image_scene(i), _words(sample_image_scene(i).caption)
+        scene = sample_image_scene(i)
+        words = _words(scene.caption)
         j = max(range(refs), key=lambda k: len(words & ref_words[k]) / len(words | ref_words[k]))
-        score = check_image(image.decode(ref_ids[j]), scene)
-        read, expected = score.pop("objects"), len(scene.attributes)
-        accuracy = sum(score[k] for k in IMAGE_ATTRIBUTES) / len(IMAGE_ATTRIBUTES)
-        plain.append(accuracy)
-        strict.append(accuracy * expected / max(expected, read))
+        score = media_attribute_accuracy(image.decode(ref_ids[j]), scene)
+        plain.append(score["attribute_accuracy"])
+        strict.append(score["strict_attribute_accuracy"])
     out["text-to-image"], out["text-to-image strict"] = sum(plain) / n, sum(strict) / n
 
     def bag(ids: torch.Tensor) -> torch.Tensor:

@@ -44,7 +44,7 @@ from typing import Any
 from ..core.checkpoint import save_json
 from .bundle import DEFAULT_BUNDLE, Bundle
 
-__all__ = ["evaluate", "word_accuracy", "caption_attribute_accuracy", "main", "TASKS"]
+__all__ = ["evaluate", "word_accuracy", "caption_attribute_accuracy", "media_attribute_accuracy", "main", "TASKS"]
 
 TASKS = ("text-to-image", "text-to-video", "image-to-text", "video-to-text", "speech-to-text", "text-speech-text")
 _BACKGROUND = re.compile(r",? on an? \w+ background|an? \w+ background with |;? the background is \w+")
@@ -113,6 +113,23 @@ def caption_attribute_accuracy(caption: str, scene: Any) -> dict[str, Any]:
             "by_attribute": by_attribute}
 
 
+def media_attribute_accuracy(media: Any, scene: Any) -> dict[str, Any]:
+    """Score generated media (an image, or a clip for a video scene) against its scene with
+    the visual checker: ``attribute_accuracy`` (mean over the attributes of the fraction of
+    objects right), ``strict_attribute_accuracy`` (the same × expected / max(expected, read)
+    objects: extras count as wrong), ``all`` and ``by_attribute`` (with ``count`` and
+    ``background``)."""
+    from ..modalities.world.checker import IMAGE_ATTRIBUTES, VIDEO_ATTRIBUTES, check_image, check_video
+    from ..modalities.world.visual import VideoScene
+
+    check, names = (check_video, VIDEO_ATTRIBUTES) if isinstance(scene, VideoScene) else (check_image, IMAGE_ATTRIBUTES)
+    scores = check(media, scene)
+    read, expected = scores.pop("objects"), len(scene.attributes)
+    accuracy = _attribute_mean(scores, names)
+    return {"attribute_accuracy": accuracy, "strict_attribute_accuracy": accuracy * expected / max(expected, read),
+            "all": scores["all"], "by_attribute": {k: v for k, v in scores.items() if k != "all"}}
+
+
 def _mean(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Mean of each score over the rows; ``by_attribute`` dicts are averaged per attribute
     over the rows that have it (a clip's attributes depend on its motion). A mean over
@@ -141,19 +158,11 @@ def _score_batch(bundle: Bundle, task: str, needs: str, idx: list[int], visual: 
 
     seed = idx[0]
     if task in ("text-to-image", "text-to-video"):
-        sample, check, names = visual[needs]
-        scenes = [sample(i) for i in idx]
+        scenes = [visual[needs](i) for i in idx]
         media = TextToMediaPipeline(bundle, needs)([s.caption for s in scenes], seed=seed)
-        out = []
-        for m, s in zip(media, scenes, strict=True):
-            sc = check(m, s)
-            read, n = sc.pop("objects"), len(s.attributes)
-            accuracy = _attribute_mean(sc, names)
-            out.append({"attribute_accuracy": accuracy, "strict_attribute_accuracy": accuracy * n / max(n, read),
-                        "all": sc["all"], "by_attribute": {k: v for k, v in sc.items() if k != "all"}})
-        return out
+        return [media_attribute_accuracy(m, s) for m, s in zip(media, scenes, strict=True)]
     if task in ("image-to-text", "video-to-text"):
-        scenes = [visual[needs][0](i) for i in idx]
+        scenes = [visual[needs](i) for i in idx]
         captions = MediaToTextPipeline(bundle, needs)([bundle.tokenizers[needs].example(i) for i in idx], seed=seed)
         scores = [caption_attribute_accuracy(c, s) for c, s in zip(captions, scenes, strict=True)]
         return [{"attribute_accuracy": sc["attributes"], "background": sc["background"], "exact_match": sc["exact"],
@@ -173,7 +182,6 @@ def evaluate(bundle: Bundle, *, n: int = 50, heldout: int = 1000, tasks: Sequenc
     ``batch_size`` samples per generation call."""
     from tqdm import tqdm
 
-    from ..modalities.world.checker import IMAGE_ATTRIBUTES, VIDEO_ATTRIBUTES, check_image, check_video
     from ..modalities.world.visual import sample_image_scene, sample_video_scene
 
     if not 1 <= n <= heldout:
@@ -186,8 +194,7 @@ def evaluate(bundle: Bundle, *, n: int = 50, heldout: int = 1000, tasks: Sequenc
     has = set(bundle.tokenizers)
     results: dict[str, Any] = {"n": n, "bundle": str(bundle.path), "skipped": [],
                                "settings": {k: bundle.settings.get(k) for k in ("sampling", "cfg_scale", "best_of")}}
-    visual = {"image": (sample_image_scene, check_image, IMAGE_ATTRIBUTES),
-              "video": (sample_video_scene, check_video, VIDEO_ATTRIBUTES)}
+    visual = {"image": sample_image_scene, "video": sample_video_scene}
     for task in tasks:
         needs = {"text-speech-text": "speech"}.get(task) or next(m for m in task.split("-") if m != "text" and m != "to")
         if needs not in has:

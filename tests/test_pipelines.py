@@ -215,6 +215,25 @@ def test_eval_metrics_score_captions_and_transcripts() -> None:
     assert nothing["attributes"] == 0.0 and set(nothing["by_attribute"].values()) == {0.0}
 
 
+def test_media_attribute_accuracy_counts_extra_objects_as_wrong_in_the_strict_figure() -> None:
+    from tessera.modalities.world.visual import render_image, render_video, sample_image_scene, sample_video_scene
+    from tessera.pipelines.evaluate import media_attribute_accuracy
+
+    two = next(s for s in map(sample_image_scene, range(100)) if len(s.attributes) == 2)
+    image = render_image(two)
+    right = media_attribute_accuracy(image, two)
+    assert right["attribute_accuracy"] == right["strict_attribute_accuracy"] == 1.0 and right["all"] == 1.0
+    one = dataclasses.replace(two, attributes=two.attributes[:1])  # the image shows an extra object
+    extra = media_attribute_accuracy(image, one)
+    assert extra["attribute_accuracy"] == 1.0 and extra["strict_attribute_accuracy"] == 0.5
+    assert extra["by_attribute"]["count"] == 0.0 and extra["all"] == 0.0 and "objects" not in extra["by_attribute"]
+    missing = media_attribute_accuracy(render_image(one), two)  # one object of two: half right, nothing extra
+    assert missing["attribute_accuracy"] == missing["strict_attribute_accuracy"] == 0.5
+    clip = sample_video_scene(3)
+    scored = media_attribute_accuracy(render_video(clip, frames=8), clip)  # clips are read as tracks
+    assert scored["strict_attribute_accuracy"] == scored["attribute_accuracy"] and "motion" in scored["by_attribute"]
+
+
 def score_names(scene) -> list[str]:
     """The attribute names a scene's caption is scored on (motion adds some for clips)."""
     from tessera.pipelines.evaluate import _expected_words
