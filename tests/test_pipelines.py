@@ -216,7 +216,12 @@ def test_eval_metrics_score_captions_and_transcripts() -> None:
 
 
 def test_media_attribute_accuracy_counts_extra_objects_as_wrong_in_the_strict_figure() -> None:
-    from tessera.modalities.world.visual import render_image, render_video, sample_image_scene, sample_video_scene
+    from tessera.modalities.world.visual import (
+        render_image,
+        render_video,
+        sample_image_scene,
+        sample_video_scene,
+    )
     from tessera.pipelines.evaluate import media_attribute_accuracy
 
     two = next(s for s in map(sample_image_scene, range(100)) if len(s.attributes) == 2)
