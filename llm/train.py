@@ -603,9 +603,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--save-every", dest="save_every", type=int, help="steps between checkpoints; a killed run "
                    "resumes from the last (0: only at the end)")
     p.add_argument("--seed", type=int, help="data order and initialisation seed (0)")
-    p.add_argument("--loss-weight", dest="loss_weight", action="append", metavar="NAME=W",
-                   help="weight of 'text' or a modality's target tokens in the loss (repeatable; default 1), "
-                   "e.g. --loss-weight text=2 --loss-weight speech=0.5")
+    p.add_argument("--loss-weight", dest="loss_weight", action="extend", nargs="+", metavar="NAME=W",
+                   help="weight of 'text' or a modality's target tokens in the loss (default 1; one or more, "
+                   "repeatable), e.g. --loss-weight text=2 speech=0.5")
     p.add_argument("--lora-r", dest="lora_r", type=int, help="enable LoRA with this rank")
     p.add_argument("--compile", action="store_const", const=True,
                    help="torch.compile the model (the first steps compile, tens of seconds; then ~1.1x faster "

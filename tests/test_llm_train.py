@@ -256,6 +256,8 @@ def test_command_line_loss_weights_merge_over_the_config_file(tmp_path: Path, mo
     config.write_text(json.dumps({"data": "d", "out_dir": "o", "loss_weights": {"text": 3.0, "image": 0.5}}))
     train_mod.main(["--config", str(config), "--loss-weight", "text=2", "--loss-weight", "speech=0"])
     assert seen[0].loss_weights == {"text": 2.0, "image": 0.5, "speech": 0.0}
+    train_mod.main(["--config", str(config), "--loss-weight", "text=2", "speech=0", "--loss-weight", "video=4"])
+    assert seen[1].loss_weights == {"text": 2.0, "image": 0.5, "speech": 0.0, "video": 4.0}  # one flag, several
     for bad in ("text", "=2", "text=-1", "text=nan", "text=inf", "text=two"):
         with pytest.raises(SystemExit, match="NAME=W"):
             train_mod.main(["--data", "d", "--out", "o", "--loss-weight", bad])
