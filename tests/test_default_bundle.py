@@ -78,19 +78,15 @@ def test_fine_tuning_the_bf16_default_bundle_writes_a_bf16_bundle(tmp_path: Path
 
 
 def test_text_to_image_eval_reports_a_strict_figure(bundle) -> None:  # noqa: ANN001
-    """Extra blobs can only add chance matches to the attribute accuracy; the strict figure
-    counts them as wrong objects, so it is never higher, and equal when the count is right."""
+    """tessera eval reports the strict figure (extra objects counted wrong; its own rules are
+    tested in test_pipelines): never above the plain one, and not an attribute."""
     from tessera.pipelines.evaluate import evaluate
 
     saved = bundle.settings["best_of"]
     bundle.settings["best_of"] = {**saved, "image": 1}
     try:
-        one = evaluate(bundle, n=1, tasks=["text-to-image"], progress=False)["text-to-image"]
-        three = evaluate(bundle, n=3, tasks=["text-to-image"], progress=False, batch_size=3)["text-to-image"]
+        r = evaluate(bundle, n=3, tasks=["text-to-image"], progress=False, batch_size=3)["text-to-image"]
     finally:
         bundle.settings["best_of"] = saved
-    for r in (one, three):
-        assert 0.0 <= r["strict_attribute_accuracy"] <= r["attribute_accuracy"] + 1e-9, r
-        assert "objects" not in r["by_attribute"], r
-    if one["by_attribute"]["count"] == 1.0:
-        assert one["strict_attribute_accuracy"] == one["attribute_accuracy"], one
+    assert 0.0 <= r["strict_attribute_accuracy"] <= r["attribute_accuracy"] + 1e-9, r
+    assert "objects" not in r["by_attribute"] and "count" in r["by_attribute"], r
