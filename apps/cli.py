@@ -279,6 +279,23 @@ def cmd_bundle_replace_modality(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bundle_grow(args: argparse.Namespace) -> int:
+    from tessera.pipelines.bundle import grow_llm, load_bundle, save_bundle
+
+    bundle = load_bundle(_bundle_path(args.bundle))
+    before = bundle.model.config.n_layers
+    grown = grow_llm(bundle, every=args.every)
+    out = Path(args.out)
+    if out.resolve() == bundle.path.resolve():
+        raise ValueError(f"--out {out} is the bundle being grown; write the grown bundle to a new folder")
+    save_bundle(grown, out)
+    print(f"grew the LLM from {before} to {grown.model.config.n_layers} layers "
+          f"({bundle.model.num_params() / 1e6:.2f}M -> {grown.model.num_params() / 1e6:.2f}M parameters, same "
+          f"outputs); wrote {out}. Fine-tune it so the new layers learn: `tessera train --data SHARDS "
+          f"--init-from {out} --out RUN`")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     import torch
     from tessera.core.checkpoint import load_json
@@ -366,8 +383,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("modality", help="a registered modality, e.g. image, video, speech")
     t.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the plugin (see --help there)")
 
-    b = sub.add_parser("bundle", help="inspect a bundle, add a modality or replace a modality's tokenizer",
-                       description="Inspect a bundle, add a modality or replace a modality's tokenizer.",
+    b = sub.add_parser("bundle", help="inspect a bundle, add a modality, replace a modality's tokenizer or grow its LLM",
+                       description="Inspect a bundle, add a modality, replace a modality's tokenizer or grow its LLM.",
                        formatter_class=_Formatter,
                        epilog="examples:\n  tessera bundle info\n"
                               "  tessera bundle add-modality BUNDLE motion --checkpoint runs/motion --out grown/")
@@ -393,6 +410,14 @@ def build_parser() -> argparse.ArgumentParser:
     br.add_argument("modality", help="the modality whose tokenizer is replaced, e.g. image")
     br.add_argument("--checkpoint", required=True, help="the new tokenizer's folder (what its save() wrote)")
     br.add_argument("--out", help="new bundle folder (default: overwrite BUNDLE)")
+    bg = _sub(bsub, "grow", "make a bundle's LLM deeper without changing what it computes (a zero-output copy "
+              "after every N-th layer, LLaMA Pro block expansion), to fine-tune with more capacity",
+              "  tessera bundle grow my_bundle --every 2 --out deeper_bundle\n"
+              "  tessera train --data shards/ --init-from deeper_bundle --out runs/deeper",
+              cmd_bundle_grow)
+    bg.add_argument("bundle", nargs="?", help="bundle folder (default: the default bundle)")
+    bg.add_argument("--every", type=int, default=2, help="a copy after every N-th layer (2: 8 -> 12 layers; 1: doubles)")
+    bg.add_argument("--out", required=True, help="the new bundle folder")
 
     e = _sub(sub, "export", "export a bundle's LLM to another format",
              "  tessera export hf my_bundle --out hf_model/", cmd_export)

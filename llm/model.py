@@ -347,6 +347,40 @@ class TesseraLM(nn.Module):
     # ---- vocabulary growth ----
 
     @torch.no_grad()
+    @torch.no_grad()
+    def grow_depth(self, every: int = 2) -> TesseraLM:
+        """A deeper copy that computes the same function (block expansion, Wu et al. 2024,
+        "LLaMA Pro"): after every ``every``-th block goes a copy of it whose output
+        projections (``attn.proj``, ``mlp.down``) are zero, so at first it adds nothing to
+        the residual stream; fine-tuning then puts the new blocks to use. ``n_layers``
+        becomes ``n + n // every`` (every=2: 8 → 12, every=1: 8 → 16). The model itself is
+        left as it was; embedding rows marked frozen are not carried over."""
+        n = self.config.n_layers
+        if isinstance(every, bool) or not isinstance(every, int) or not 1 <= every <= n:
+            raise ValueError(f"every={every!r} must be an integer in [1, {n}] (the model has {n} layers): a copy "
+                             f"goes after every every-th layer, e.g. 2 grows {n} → {n + n // 2} layers")
+        config = LLMConfig.from_dict({**self.config.to_dict(), "n_layers": n + n // every})
+        grown = TesseraLM(config).to(device=self.tok_emb.weight.device, dtype=self.tok_emb.weight.dtype)
+        state = {k: v for k, v in self.state_dict().items() if not k.startswith("layers.")}
+        j = 0
+        for i, block in enumerate(self.layers):
+            copies = [block.state_dict()]
+            if (i + 1) % every == 0:
+                zeroed = dict(copies[0])
+                for name in ("attn.proj.weight", "mlp.down.weight"):
+                    zeroed[name] = torch.zeros_like(zeroed[name])
+                copies.append(zeroed)
+            for sd in copies:
+                state.update({f"layers.{j}.{k}": v.clone() for k, v in sd.items()})
+                j += 1
+        if config.tie_embeddings:
+            state.pop("lm_head.weight", None)
+        missing, unexpected = grown.load_state_dict(state, strict=False)
+        if unexpected or [m for m in missing if m != "lm_head.weight"]:
+            raise RuntimeError(f"grow_depth: state does not fit the grown model: missing {missing}, unexpected {unexpected}")
+        grown.manifest_hash = self.manifest_hash
+        return grown.train(self.training)
+
     def resize_vocab(self, new_size: int, *, freeze_old: bool = False, noise_std: float = 0.01) -> None:
         """Grow the vocabulary append-only: rows [0, old) are kept bit for bit, new rows are
         the mean of the old rows plus N(0, noise_std * row std) noise (embedding, and the

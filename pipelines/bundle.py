@@ -51,6 +51,7 @@ __all__ = [
     "create_bundle",
     "add_modality",
     "replace_modality",
+    "grow_llm",
     "default_settings",
     "tiny_bundle",
 ]
@@ -354,6 +355,16 @@ def replace_modality(bundle: Bundle, plugin: ModalityPlugin, *, seed: int = 0,
     replaced = Bundle(path=None, vocab=vocab, text=bundle.text, tokenizers=tokenizers, model=model.eval(),
                       grammar=Grammar(vocab), settings=settings)
     return replaced, {"kept": int(src.numel()), "fresh": vocab.size - int(src.numel())}
+
+
+def grow_llm(bundle: Bundle, *, every: int = 2) -> Bundle:
+    """A new bundle whose LLM is deeper and computes the same function
+    (:meth:`TesseraLM.grow_depth`: a zero-output copy after every ``every``-th block);
+    vocabulary, tokenizers and settings are unchanged. Fine-tune it (``tessera train
+    --init-from``) so the new blocks learn; the given bundle is left as it was."""
+    model = bundle.model.grow_depth(every)
+    return Bundle(path=None, vocab=bundle.vocab, text=bundle.text, tokenizers=dict(bundle.tokenizers),
+                  model=model.eval(), grammar=bundle.grammar, settings=copy.deepcopy(bundle.settings))
 
 
 # ---- a tiny bundle for tests -----------------------------------------------------------

@@ -46,7 +46,8 @@ def test_help_is_light_and_lists_every_command() -> None:
 
 
 @pytest.mark.parametrize("argv", [["demo"], ["generate"], ["chat"], ["tokenizer"], ["bundle"], ["bundle", "info"],
-                                  ["bundle", "add-modality"], ["bundle", "replace-modality"], ["export"]])
+                                  ["bundle", "add-modality"], ["bundle", "replace-modality"], ["bundle", "grow"],
+                                  ["export"]])
 def test_every_command_has_help_with_examples(capsys: pytest.CaptureFixture[str], argv: list[str]) -> None:
     code, out, _ = run(capsys, *argv, "--help")
     assert code == 0 and f"usage: tessera {' '.join(argv)}" in out and "examples:\n  tessera " in out
@@ -159,3 +160,17 @@ def test_replace_modality_writes_a_loadable_bundle(capsys: pytest.CaptureFixture
     assert replaced.model.config.vocab_size == replaced.vocab.size == load_bundle(bundle_dir).vocab.size + 8
     code, _, err = run(capsys, "bundle", "replace-modality", str(bundle_dir), "double_grid")
     assert code == 2 and "--checkpoint" in err
+
+
+def test_bundle_grow_writes_a_deeper_bundle_with_the_same_outputs(capsys: pytest.CaptureFixture[str],
+                                                                  bundle_dir: Path, tmp_path: Path) -> None:
+    code, out, err = run(capsys, "bundle", "grow", str(bundle_dir), "--every", "1", "--out", str(tmp_path / "deep"))
+    old, new = load_bundle(bundle_dir), load_bundle(tmp_path / "deep")
+    assert code == 0 and "tessera train" in out and new.model.config.n_layers == 2 * old.model.config.n_layers, err
+    ids = torch.arange(20)[None] % old.vocab.size
+    with torch.no_grad():  # bf16 on disk for both: the copies' zero projections keep the outputs
+        torch.testing.assert_close(new.model(ids), old.model(ids), atol=1e-5, rtol=0)
+    code, _, err = run(capsys, "bundle", "grow", str(bundle_dir), "--every", "9", "--out", str(tmp_path / "bad"))
+    assert code != 0 and "every=9 must be an integer in [1," in err and not (tmp_path / "bad").exists()
+    code, _, err = run(capsys, "bundle", "grow", str(bundle_dir), "--out", str(bundle_dir))
+    assert code != 0 and "new folder" in err

@@ -269,3 +269,44 @@ def test_merging_lora_drops_the_decode_copies_it_makes_stale() -> None:
         reference = model(ids)
     with torch.inference_mode():
         torch.testing.assert_close(model(ids), reference)
+
+
+@pytest.mark.parametrize(("every", "tied"), [(1, True), (2, False)])
+def test_grow_depth_keeps_outputs_and_the_new_blocks_learn(every: int, tied: bool, tmp_path) -> None:
+    model = debug_model(vocab_size=32, tie_embeddings=tied).train()
+    torch.manual_seed(1)
+    pattern = torch.randint(0, 32, (8,)).repeat(8)[None]
+
+    def loss_of(m: TesseraLM) -> torch.Tensor:
+        return F.cross_entropy(m(pattern[:, :-1]).flatten(0, 1), pattern[:, 1:].flatten())
+
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    grown = model.grow_depth(every)
+    n = model.config.n_layers
+    assert grown.config.n_layers == n + n // every and grown.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the original is untouched
+    with torch.no_grad():
+        torch.testing.assert_close(grown(pattern), model(pattern), atol=1e-6, rtol=0)
+    new = [every + i * (every + 1) for i in range(n // every)]  # indices of the zero-output copies
+    assert all(float(grown.layers[j].attn.proj.weight.detach().abs().sum()) == 0.0 for j in new)
+
+    opt = torch.optim.AdamW(grown.parameters(), lr=3e-3)
+    first = loss_of(grown).item()
+    for _ in range(60):
+        loss = loss_of(grown)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert first > 3.0 and loss.item() < 0.5, (first, loss.item())
+    assert all(float(grown.layers[j].mlp.down.weight.detach().abs().sum()) > 0.0 for j in new)  # the copies learned
+
+    grown.save_pretrained(tmp_path, manifest_hash="0" * 64)
+    loaded = TesseraLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(pattern), grown.eval()(pattern))
+
+
+@pytest.mark.parametrize("every", [0, 3, 1.5, True])
+def test_grow_depth_refuses_a_bad_every(every: object) -> None:
+    with pytest.raises(ValueError, match=r"every=.* must be an integer in \[1, 2\]"):
+        debug_model().grow_depth(every)  # type: ignore[arg-type]
