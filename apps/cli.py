@@ -283,11 +283,11 @@ def cmd_bundle_grow(args: argparse.Namespace) -> int:
     from tessera.pipelines.bundle import grow_llm, load_bundle, save_bundle
 
     bundle = load_bundle(_bundle_path(args.bundle))
-    before = bundle.model.config.n_layers
-    grown = grow_llm(bundle, every=args.every)
     out = Path(args.out)
     if out.resolve() == bundle.path.resolve():
         raise ValueError(f"--out {out} is the bundle being grown; write the grown bundle to a new folder")
+    before = bundle.model.config.n_layers
+    grown = grow_llm(bundle, every=args.every)
     save_bundle(grown, out)
     print(f"grew the LLM from {before} to {grown.model.config.n_layers} layers "
           f"({bundle.model.num_params() / 1e6:.2f}M -> {grown.model.num_params() / 1e6:.2f}M parameters, same "
