@@ -344,9 +344,8 @@ class TesseraLM(nn.Module):
         # a padded query still attends to itself, so no row is fully masked (SDPA would give NaN)
         return (valid & (k_idx <= q_idx)) | (k_idx == q_idx)
 
-    # ---- vocabulary growth ----
+    # ---- depth growth ----
 
-    @torch.no_grad()
     @torch.no_grad()
     def grow_depth(self, every: int = 2) -> TesseraLM:
         """A deeper copy that computes the same function (block expansion, Wu et al. 2024,
@@ -381,6 +380,9 @@ class TesseraLM(nn.Module):
         grown.manifest_hash = self.manifest_hash
         return grown.train(self.training)
 
+    # ---- vocabulary growth ----
+
+    @torch.no_grad()
     def resize_vocab(self, new_size: int, *, freeze_old: bool = False, noise_std: float = 0.01) -> None:
         """Grow the vocabulary append-only: rows [0, old) are kept bit for bit, new rows are
         the mean of the old rows plus N(0, noise_std * row std) noise (embedding, and the
