@@ -55,6 +55,7 @@ class AppLimits:
     max_seconds: float = 30.0  # longest audio or video upload
     max_text_chars: int = 500
     max_new_tokens: int = 1024  # most tokens one request generates
+    max_best_of: int = 32  # most samples one text->media request draws to keep the best
     queue_size: int = 16  # requests waiting; more are turned away
 
     def __post_init__(self) -> None:
@@ -65,7 +66,7 @@ class AppLimits:
     @classmethod
     def debug(cls) -> AppLimits:
         """Small limits for tests."""
-        return cls(max_upload_mb=2.0, max_seconds=5.0, max_text_chars=200, max_new_tokens=64, queue_size=4)
+        return cls(max_upload_mb=2.0, max_seconds=5.0, max_text_chars=200, max_new_tokens=64, max_best_of=4, queue_size=4)
 
 
 def media_component(media_kind: str, *, label: str, interactive: bool) -> gr.components.Component:
@@ -163,15 +164,30 @@ class TesseraApp:
         return text
 
     # ---- tasks --------------------------------------------------------------------------
-    def text_to_media(self, task: str, caption: str, seed: float = 0, max_new_tokens: float | None = None) -> str:
+    def text_to_media(self, task: str, caption: str, seed: float = 0, max_new_tokens: float | None = None,
+                      best_of: float | None = None) -> str:
         pipe = self.tasks[task]
         if not isinstance(pipe, TextToMediaPipeline):
             raise ValueError(f"{task!r} is not a text-to-media task")
         caption = self._text(caption, "caption")
         if not caption:
             raise ValueError("type a caption, e.g. 'a red circle on the left'")
-        media = pipe(caption, seed=int(seed), max_new_tokens=self._capped_media_tokens(pipe, max_new_tokens))
+        media = pipe(caption, seed=int(seed), max_new_tokens=self._capped_media_tokens(pipe, max_new_tokens),
+                     best_of=self._best_of(pipe, best_of))
         return self.write_media(pipe.modality, media)
+
+    def default_best_of(self, pipe: TextToMediaPipeline) -> int:
+        """The bundle's ``best_of`` for the modality, within this demo's limit."""
+        return max(1, min(int(self.bundle.settings.get("best_of", {}).get(pipe.modality, 1)), self.limits.max_best_of))
+
+    def _best_of(self, pipe: TextToMediaPipeline, requested: float | None) -> int:
+        if requested is None:
+            return self.default_best_of(pipe)
+        n = int(requested)
+        if n != requested or not 1 <= n <= self.limits.max_best_of:
+            raise ValueError(f"samples {requested}: this demo draws 1 to {self.limits.max_best_of} samples a request "
+                             f"(more is slower and usually better; 1 is fastest)")
+        return n
 
     def _capped_media_tokens(self, pipe: TextToMediaPipeline, requested: float | None) -> int | None:
         """A fixed-size span is generated whole (the pipeline knows its length); a variable
@@ -296,9 +312,11 @@ class TesseraApp:
         if isinstance(pipe, TextToMediaPipeline):
             caption = gr.Textbox(label="caption", placeholder="a red circle on the left")
             seed, tokens = self._settings()
+            samples = gr.Slider(1, self.limits.max_best_of, value=self.default_best_of(pipe), step=1,
+                                label="samples (keeps the one the model captions best; fewer is faster)")
             output = media_component(kind, label=pipe.modality, interactive=False)
             run = _user_errors(functools.partial(self.text_to_media, task))
-            gr.Button("Generate", variant="primary").click(run, [caption, seed, tokens], output, api_name=api)
+            gr.Button("Generate", variant="primary").click(run, [caption, seed, tokens, samples], output, api_name=api)
         else:
             upload = media_component(kind, label=pipe.modality, interactive=True)
             seed, tokens = self._settings()

@@ -127,7 +127,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from tessera.apps.app import AppLimits, launch
 
     limits = AppLimits(max_upload_mb=args.max_upload_mb, max_seconds=args.max_seconds,
-                       max_new_tokens=args.max_new_tokens, queue_size=args.queue_size)
+                       max_new_tokens=args.max_new_tokens, max_best_of=args.max_best_of,
+                       queue_size=args.queue_size)
     launch(args.bundle, host=args.host, port=args.port, limits=limits, compile=args.compile)
     return 0
 
@@ -347,6 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--max-seconds", dest="max_seconds", type=float, default=30.0, help="longest audio/video upload")
     d.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=1024,
                    help="most tokens one request may generate")
+    d.add_argument("--max-best-of", dest="max_best_of", type=int, default=32,
+                   help="most samples a text->media request may draw to keep the best (the slider's top)")
     d.add_argument("--queue-size", dest="queue_size", type=int, default=16, help="requests that may wait")
     d.add_argument("--compile", action="store_true", help=COMPILE_HELP)
 

@@ -67,6 +67,28 @@ def test_text_to_media_endpoints_return_files_the_plugins_read(client: Client) -
     np.testing.assert_array_equal(grid, again)  # seeded
 
 
+def test_the_samples_slider_reaches_the_pipeline_and_is_capped(running_app: tuple[TesseraApp, str],
+                                                                client: Client) -> None:
+    app = running_app[0]
+    pipe = app.tasks["text-to-double_grid"]
+    saved = dict(app.bundle.settings.get("best_of", {}))
+    app.bundle.settings["best_of"] = {"double_grid": 3}
+    try:
+        assert app.default_best_of(pipe) == 3
+        app.bundle.settings["best_of"] = {"double_grid": 64}
+        assert app.default_best_of(pipe) == app.limits.max_best_of == 4  # the demo's cap wins
+        # the slider's value is the best_of the pipeline gets: the same image as calling it so
+        for k in (1, 3):
+            served = np.asarray(Image.open(client.predict("a red circle", 0, 30, k, api_name="/text_to_double_grid")))
+            direct = pipe("a red circle", seed=0, best_of=k)
+            np.testing.assert_array_equal(served, np.asarray(Image.open(app.write_media("double_grid", direct))))
+        for bad in (0, 5, 2.5):
+            with pytest.raises(ValueError, match=rf"samples {bad}: this demo draws 1 to 4 samples"):
+                app.text_to_media("text-to-double_grid", "a red circle", 0, 30, bad)
+    finally:
+        app.bundle.settings["best_of"] = saved
+
+
 def test_media_to_text_and_the_tokenizer_lab(client: Client, tmp_path: Path) -> None:
     image = client.predict(3, api_name="/example_double_grid")
     text = client.predict(handle_file(image), 0, 12, api_name="/double_grid_to_text")
