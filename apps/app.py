@@ -177,8 +177,8 @@ class TesseraApp:
         return self.write_media(pipe.modality, media)
 
     def default_best_of(self, pipe: TextToMediaPipeline) -> int:
-        """The bundle's ``best_of`` for the modality, within this demo's limit."""
-        return max(1, min(int(self.bundle.settings.get("best_of", {}).get(pipe.modality, 1)), self.limits.max_best_of))
+        """The bundle's ``best_of`` for the modality (checked by the pipeline), within this demo's limit."""
+        return min(pipe._best_of(None), self.limits.max_best_of)
 
     def _best_of(self, pipe: TextToMediaPipeline, requested: float | None) -> int:
         if requested is None:

@@ -82,6 +82,10 @@ def test_the_samples_slider_reaches_the_pipeline_and_is_capped(running_app: tupl
             served = np.asarray(Image.open(client.predict("a red circle", 0, 30, k, api_name="/text_to_double_grid")))
             direct = pipe("a red circle", seed=0, best_of=k)
             np.testing.assert_array_equal(served, np.asarray(Image.open(app.write_media("double_grid", direct))))
+        app.bundle.settings["best_of"] = {"double_grid": 0}  # a bad bundle setting is named, not clamped
+        with pytest.raises(ValueError, match=r"settings\['best_of'\]\['double_grid'\]=0 must be an integer >= 1"):
+            app.default_best_of(pipe)
+        app.bundle.settings["best_of"] = {"double_grid": 2}
         for bad in (0, 5, 2.5):
             with pytest.raises(ValueError, match=rf"samples {bad}: this demo draws 1 to 4 samples"):
                 app.text_to_media("text-to-double_grid", "a red circle", 0, 30, bad)
