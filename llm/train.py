@@ -191,11 +191,22 @@ def _destroy_process_group() -> None:
 
     Left to C++ static destruction, gloo's threads were once destroyed still joinable on
     a rank whose peer had already exited ("terminate called without an active
-    exception", exit -6) although the run itself had finished.
+    exception", exit -6) although the run itself had finished. The ranks first meet at a
+    barrier so that none tears its group down while a peer still talks to it (rank 0 also
+    hosts the rendezvous store); under gloo the barrier gives up after a minute, so a peer
+    that died leaves this rank to exit, not to hang.
     """
+    import datetime
+
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        if dist.get_world_size() > 1 and dist.get_backend() == "gloo":
+            try:
+                dist.monitored_barrier(timeout=datetime.timedelta(seconds=60))
+            except RuntimeError as e:  # a peer is gone: nothing left to wait for
+                print(f"[tessera] exit: ranks did not all reach the final barrier ({e}); tearing down anyway",
+                      file=sys.stderr)
         dist.destroy_process_group()
 
 
