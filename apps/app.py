@@ -178,7 +178,7 @@ class TesseraApp:
 
     def default_best_of(self, pipe: TextToMediaPipeline) -> int:
         """The bundle's ``best_of`` for the modality (checked by the pipeline), within this demo's limit."""
-        return min(pipe._best_of(None), self.limits.max_best_of)
+        return min(pipe.resolve_best_of(), self.limits.max_best_of)
 
     def _best_of(self, pipe: TextToMediaPipeline, requested: float | None) -> int:
         if requested is None:

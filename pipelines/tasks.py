@@ -205,7 +205,10 @@ class TextToMediaPipeline:
         codes = row[: int(hits[0])] if hits.numel() else row[: row.numel() // self.layout.num_levels * self.layout.num_levels]
         return torch.cat([v.to_local(self.modality, self._meta_ids()), v.to_local(self.modality, codes.cpu())])
 
-    def _best_of(self, best_of: int | None) -> int:
+    def resolve_best_of(self, best_of: int | None = None) -> int:
+        """How many spans a call draws per caption: ``best_of``, or the bundle's setting for
+        this modality when None (1 if it has none); a value that is not an integer >= 1 is
+        refused, naming where it came from."""
         k = self.bundle.settings.get("best_of", {}).get(self.modality, 1) if best_of is None else best_of
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             where = "best_of" if best_of is not None else f"the bundle's settings['best_of'][{self.modality!r}]"
@@ -248,7 +251,7 @@ class TextToMediaPipeline:
         if bad:
             raise ValueError(f"{self.task} takes captions (str), got {type(bad[0]).__name__}")
         b, v = self.bundle, self.bundle.vocab
-        k = self._best_of(best_of)
+        k = self.resolve_best_of(best_of)
         # 1. encode: the caption prompts (best_of rows each), and the caption-free prompts for guidance
         prompts = [self._prompt(c) for c in captions for _ in range(k)]
         scales = b.cfg_scales(cfg_scale)
