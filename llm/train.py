@@ -186,15 +186,15 @@ def init_distributed() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def _destroy_process_group() -> None:
+def _destroy_process_group(timeout_s: float = 60.0) -> None:
     """Tear down the process group this process opened, before interpreter shutdown.
 
     Left to C++ static destruction, gloo's threads were once destroyed still joinable on
     a rank whose peer had already exited ("terminate called without an active
     exception", exit -6) although the run itself had finished. The ranks first meet at a
     barrier so that none tears its group down while a peer still talks to it (rank 0 also
-    hosts the rendezvous store); under gloo the barrier gives up after a minute, so a peer
-    that died leaves this rank to exit, not to hang.
+    hosts the rendezvous store); under gloo the barrier gives up after ``timeout_s`` (a
+    minute), so a peer that died leaves this rank to exit, not to hang.
     """
     import datetime
 
@@ -203,7 +203,7 @@ def _destroy_process_group() -> None:
     if dist.is_available() and dist.is_initialized():
         if dist.get_world_size() > 1 and dist.get_backend() == "gloo":
             try:
-                dist.monitored_barrier(timeout=datetime.timedelta(seconds=60))
+                dist.monitored_barrier(timeout=datetime.timedelta(seconds=timeout_s))
             except RuntimeError as e:  # a peer is gone: nothing left to wait for
                 print(f"[tessera] exit: ranks did not all reach the final barrier ({e}); tearing down anyway",
                       file=sys.stderr)

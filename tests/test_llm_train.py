@@ -280,3 +280,38 @@ def test_compiled_training_follows_the_eager_loss_curve(corpus: Path, reference:
     model = TesseraLM.from_pretrained(result["model_dir"], expected_manifest_hash=MANIFEST["hash"])
     eager = TesseraLM.from_pretrained(reference["model_dir"], expected_manifest_hash=MANIFEST["hash"])
     assert model.state_dict().keys() == eager.state_dict().keys()
+
+
+_EXIT_SCRIPT = """
+import os, sys, time
+import torch.distributed as dist
+from tessera.llm.train import _destroy_process_group
+rank, leave = int(sys.argv[1]), sys.argv[3] == "leave"
+dist.init_process_group("gloo", init_method="file://" + sys.argv[2], rank=rank, world_size=2)
+if leave and rank == 1:
+    os._exit(0)  # a peer that dies without reaching the final barrier
+start = time.monotonic()
+_destroy_process_group(timeout_s=5)
+assert not dist.is_initialized()
+print(f"rank {rank} torn down in {time.monotonic() - start:.1f} s")
+"""
+
+
+@pytest.mark.parametrize("mode", ["stay", "leave"])
+def test_distributed_exit_meets_at_a_barrier_and_survives_a_dead_peer(tmp_path: Path, mode: str) -> None:
+    """Both ranks reach the exit barrier and tear down cleanly; when one died first, the other
+    gives up on the barrier after its timeout and still exits 0 (no hang, no abort)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", _EXIT_SCRIPT, str(rank), str(tmp_path / "init"), mode],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for rank in (0, 1)]
+    try:
+        outs = [p.communicate(timeout=90) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert "rank 0 torn down" in outs[0][0], outs
+    gave_up = "did not all reach the final barrier" in outs[0][1]
+    assert gave_up == (mode == "leave"), outs
+    if mode == "stay":
+        assert "rank 1 torn down" in outs[1][0], outs
