@@ -34,6 +34,7 @@ from tessera.llm.train import (
     _weights_only_checkpoint_engine,
     deepspeed_config,
     lr_at,
+    slow_bf16_note,
     target_weight,
     train,
 )
@@ -315,3 +316,13 @@ def test_distributed_exit_meets_at_a_barrier_and_survives_a_dead_peer(tmp_path: 
     assert gave_up == (mode == "leave"), outs
     if mode == "stay":
         assert "rank 1 torn down" in outs[1][0], outs
+
+
+def test_bf16_on_a_cpu_without_native_bf16_gets_a_note_that_says_use_fp32(monkeypatch: Any) -> None:
+    mkldnn = torch.ops.mkldnn
+    monkeypatch.setattr(mkldnn, "_is_mkldnn_bf16_supported", lambda: False, raising=False)
+    note = slow_bf16_note("bf16", "cpu")
+    assert note is not None and "--precision fp32" in note and "precision=bf16" in note
+    assert slow_bf16_note("fp32", "cpu") is None and slow_bf16_note("bf16", "cuda") is None
+    monkeypatch.setattr(mkldnn, "_is_mkldnn_bf16_supported", lambda: True, raising=False)
+    assert slow_bf16_note("bf16", "cpu") is None
