@@ -127,7 +127,8 @@ def test_batches_encode_and_decode_as_single_clips(tok: VideoTokenizer) -> None:
     frames = model.decode_codes(ids)
     for i in range(3):
         assert torch.equal(model.encode_codes(clips[i : i + 1])[0], ids[i])
-        assert torch.allclose(model.decode_codes(ids[i : i + 1])[0], frames[i], atol=1e-5)
+        # batch-size-dependent kernels (oneDNN on AVX2) round differently: 1e-4, not bit-equal
+        torch.testing.assert_close(model.decode_codes(ids[i : i + 1])[0], frames[i], atol=1e-4, rtol=1e-4)
     assert not torch.equal(ids[0], ids[1])
 
 
