@@ -429,16 +429,19 @@ def _consolidated_state(engine: Any, zero_stage: int) -> dict[str, Tensor] | Non
     return {k: v.detach().float().cpu() for k, v in engine.module.state_dict().items()}
 
 
+def _cpu_bf16_is_native() -> bool:
+    """Whether oneDNN runs bf16 natively on this CPU (AVX-512 BF16 or AMX); True when it
+    cannot tell (no oneDNN), so that nothing is said."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return True
+
+
 def slow_bf16_note(precision: str, device: str) -> str | None:
     """Why ``precision`` may be a bad choice on ``device``, or None: a CPU without native
     bf16 (AVX-512 BF16 or AMX) emulates every bf16 op."""
-    if precision != "bf16" or device != "cpu":
-        return None
-    try:
-        native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):  # no oneDNN: nothing to say
-        return None
-    if native:
+    if precision != "bf16" or device != "cpu" or _cpu_bf16_is_native():
         return None
     return (f"precision=bf16 on a CPU without native bf16 (torch sees {torch.backends.cpu.get_cpu_capability()}, "
             f"no AVX-512 BF16 or AMX): bf16 is emulated and a step can be many times slower than in fp32 (seen: "
