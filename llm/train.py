@@ -450,8 +450,9 @@ def slow_bf16_note(precision: str, device: str) -> str | None:
 
 
 def train(config: TrainConfig) -> dict[str, Any]:
-    """Train (or resume) as ``config`` says; returns a summary: steps, final/eval loss,
-    tokens seen, paths of the model folder and metrics log, the step resumed from."""
+    """Train (or resume) as ``config`` says; returns a summary: steps, final/eval loss
+    (``eval_loss`` None without ``eval_data``), tokens seen, paths of the model folder and
+    metrics log, the step resumed from."""
     import deepspeed
     import torch.distributed as dist
     from tqdm import tqdm
@@ -523,7 +524,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
     batches = step_batches(reader, micro_batch=config.micro_batch, grad_accum=config.grad_accum, rank=rank,
                            world_size=world, num_workers=config.num_workers)
     bar = tqdm(total=config.max_steps, initial=step, disable=rank != 0 or not config.progress, desc="train")
-    loss_value = eval_loss = float("nan")
+    loss_value = float("nan")
+    eval_loss: float | None = None  # None (JSON null) when there is no eval data
     reader_state = reader.state_dict()
     t_last = time.perf_counter()
     while step < config.max_steps:

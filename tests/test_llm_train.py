@@ -249,6 +249,9 @@ def test_bf16_under_zero1_trains_and_reports_grad_norm(corpus: Path, tmp_path: P
     rows = [r for r in MetricsLog.read(result["metrics"]) if "loss" in r]
     assert all(math.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in rows)
     assert rows[-1]["loss"] < rows[0]["loss"] - 0.5, rows
+    # no eval data: no eval loss, written as JSON null (not NaN, which strict JSON readers refuse)
+    assert result["eval_loss"] is None and MetricsLog.read(result["metrics"])[-1]["eval_loss"] is None
+    json.loads(json.dumps(result, allow_nan=False))
     model = TesseraLM.from_pretrained(result["model_dir"], expected_manifest_hash=MANIFEST["hash"])
     assert torch.isfinite(model(torch.randint(1, V, (1, 16)))).all()
 
